@@ -1,0 +1,218 @@
+"""The ``qdrank`` command line. Each sub-command is a thin layer over a library function."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+DATA_ENV = "QDRANK_DATA"
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _options(pairs: list[str]) -> dict:
+    import yaml
+
+    out = {}
+    for p in pairs or []:
+        if "=" not in p:
+            raise SystemExit(f"error: --option expects KEY=VALUE, got {p!r}")
+        k, v = p.split("=", 1)
+        out[k] = yaml.safe_load(v)
+    return out
+
+
+def _resolve_input(source: str, given: str | None) -> Path | None:
+    if given:
+        return Path(given)
+    if source == "synthetic":
+        return None
+    base = os.environ.get(DATA_ENV)
+    if base:
+        sub = {"movielens": "movielens-100k"}.get(source, source)
+        return Path(base) / sub
+    raise SystemExit(f"error: `data prepare {source}` needs --input PATH (or ${DATA_ENV} pointing at a folder "
+                     f"that holds {source}/)")
+
+
+# ---- data ---------------------------------------------------------------------------------
+def cmd_prepare(a) -> None:
+    from qdrank.data.sources import prepare_source
+
+    opts = _options(a.option)
+    if a.scale:
+        opts["scale"] = a.scale
+    rep = prepare_source(a.source, _resolve_input(a.source, a.input), Path(a.out), seed=a.seed, **opts)
+    print(f"wrote {a.out}: {rep.n_requests:,} requests, {rep.n_impressions:,} impressions, "
+          f"{rep.n_behaviors:,} behaviours (validated)")
+
+
+def cmd_validate(a) -> None:
+    from qdrank.data.schema import validate_dataset
+
+    rep = validate_dataset(Path(a.dir))
+    print(f"OK {a.dir}: {rep.n_requests:,} requests, {rep.n_impressions:,} impressions, {rep.n_behaviors:,} "
+          f"behaviours; tables {', '.join(rep.tables)}")
+    for w in rep.warnings:
+        print(f"warning: {w}")
+
+
+def cmd_inspect(a) -> None:
+    from qdrank.data.inspect import format_inspection, inspect_dataset
+
+    d = inspect_dataset(Path(a.dir))
+    print(json.dumps(d, indent=2) if a.json else format_inspection(d))
+
+
+# ---- train / evaluate ---------------------------------------------------------------------
+def cmd_train(a) -> None:
+    from qdrank.config import build_config
+    from qdrank.data.dataset import SearchLogDataset
+    from qdrank.training.trainer import Trainer
+
+    cfg = build_config(a.model, Path(a.config) if a.config else None, a.set)
+    ds = SearchLogDataset(a.data, cfg.data, log=_log)
+    if int(os.environ.get("RANK", "0")) == 0:
+        _log("features:\n" + ds.fmap.describe())
+    trainer = Trainer(cfg, ds, Path(a.out), resume=a.resume, log=_log)
+    res = trainer.fit()
+    if trainer.ctx.main:
+        t = res["test"]
+        print(f"{cfg.model_name}: test CTR AUC {t.get('ctr_auc', float('nan')):.4f}  GAUC {t.get('ctr_gauc', float('nan')):.4f}"
+              + (f"  CVR AUC {t['cvr_auc']:.4f}" if "cvr_auc" in t else "") + f"  (best epoch {res['best_epoch'] + 1};"
+              f" run in {a.out})")
+
+
+def cmd_evaluate(a) -> None:
+    from qdrank.data.dataset import SearchLogDataset
+    from qdrank.evaluation.report import markdown_table, write_report
+    from qdrank.training import checkpoint as ckpt
+    from qdrank.training.trainer import evaluate, resolve_device
+
+    run = Path(a.run)
+    model, cfg, fmap = ckpt.load_model(run)
+    data = a.data or json.loads((run / "data.json").read_text())["path"]
+    ds = SearchLogDataset(data, cfg.data, fmap=fmap, log=_log)
+    device = resolve_device(cfg.train.device)
+    model.to(device)
+    m = evaluate(model, ds, a.split, cfg.train.eval_batch_size, device, progress=True)
+    row = {"model": cfg.model_name, **m}
+    cols = [(k, k) for k in ("ctr_auc", "ctr_gauc", "ctr_gauc_w", "ctr_logloss", "cvr_auc", "cvr_gauc",
+                             "oracle_ctr_auc", "oracle_ctr_gauc") if k in m]
+    md = markdown_table([row], cols, title=f"{cfg.model_name} on {data} ({a.split})")
+    out = Path(a.out) if a.out else run / f"eval_{a.split}"
+    write_report(out, "evaluation", {"run": str(run), "data": str(data), "split": a.split, "metrics": m}, md)
+    print(md)
+    print(f"\nreport written to {out}/evaluation.json and .md")
+
+
+# ---- demo / benchmark ---------------------------------------------------------------------
+def cmd_demo(a) -> None:
+    from qdrank.evaluation.benchmark import run_demo
+
+    run_demo(Path(a.out), models=a.models.split(",") if a.models else None, log=_log)
+
+
+def cmd_benchmark(a) -> None:
+    from qdrank.evaluation.benchmark import BenchmarkSpec, run_benchmark
+
+    spec = BenchmarkSpec(data=Path(a.data), models=a.models.split(","), seeds=a.seeds,
+                         overrides=a.set or [], search=not a.no_search, base_model=a.base)
+    run_benchmark(spec, Path(a.out), log=_log)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="qdrank", description="Personalized search ranking with query-conditioned "
+                                "diffusion: data, training, evaluation, benchmarks, serving.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="prepare, validate and inspect datasets").add_subparsers(dest="data_cmd",
+                                                                                                  required=True)
+    pr = data.add_parser("prepare", help="convert a source (trivago, movielens, jdsearch, aliexpress, synthetic)")
+    pr.add_argument("source")
+    pr.add_argument("--input", help=f"folder with the source files (default: ${DATA_ENV}/SOURCE)")
+    pr.add_argument("--out", required=True)
+    pr.add_argument("--seed", type=int, default=0)
+    pr.add_argument("--scale", help="synthetic: tiny | small | medium | large")
+    pr.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="converter option")
+    pr.set_defaults(func=cmd_prepare)
+    v = data.add_parser("validate", help="check a dataset directory against the format")
+    v.add_argument("dir")
+    v.set_defaults(func=cmd_validate)
+    i = data.add_parser("inspect", help="print counts, label rates, history lengths, splits")
+    i.add_argument("dir")
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(func=cmd_inspect)
+
+    t = sub.add_parser("train", help="train one model")
+    t.add_argument("--data", required=True)
+    t.add_argument("--model", required=True)
+    t.add_argument("--config")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    t.add_argument("--out", required=True)
+    t.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("evaluate", help="evaluate a trained run")
+    e.add_argument("run")
+    e.add_argument("--data", help="dataset (default: the one it was trained on)")
+    e.add_argument("--split", default="test", choices=["train", "valid", "test"])
+    e.add_argument("--out")
+    e.set_defaults(func=cmd_evaluate)
+
+    d = sub.add_parser("demo", help="synthetic data -> train every model -> results table and plot")
+    d.add_argument("--out", default="reports/demo")
+    d.add_argument("--models", help="comma list (default: all registered)")
+    d.set_defaults(func=cmd_demo)
+
+    b = sub.add_parser("benchmark", help="compare models under one budget, mean ± std over seeds")
+    b.add_argument("--data", required=True)
+    b.add_argument("--models", default="dnn,din")
+    b.add_argument("--seeds", type=int, default=3)
+    b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="applies to every model")
+    b.add_argument("--no-search", action="store_true", help="skip the validation hyper-parameter search")
+    b.add_argument("--base", default="dnn", help="RelaImpr base model")
+    b.add_argument("--out", required=True)
+    b.set_defaults(func=cmd_benchmark)
+
+    for register in _extension_commands():
+        register(sub)
+    return p
+
+
+def _extension_commands():
+    """Sub-commands defined next to the code they drive (ablate, explain, serve, store, export)."""
+    import importlib
+
+    out = []
+    for mod in ("qdrank.models.diffusiongs_cli", "qdrank.serving.cli"):
+        try:
+            m = importlib.import_module(mod)
+        except ModuleNotFoundError as e:
+            if e.name != mod:
+                raise
+            continue
+        out.append(m.register)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from qdrank.config import ConfigError
+    from qdrank.data.schema import DatasetError
+
+    try:
+        args.func(args)
+    except (DatasetError, ConfigError, FileNotFoundError, FileExistsError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

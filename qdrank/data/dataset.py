@@ -1,0 +1,402 @@
+"""Load a validated dataset directory into id arrays, split it by time, and cut batches.
+
+Batches are request-major: a batch holds whole requests (user, query, context, history) and all
+their candidates, with ``cand_req`` pointing each candidate at its request row. Models encode the
+request side once and score every candidate against it, exactly as serving does.
+
+History rule: the history of request r is the behaviours of r's user with timestamp strictly
+earlier than r's timestamp, the most recent ``max_history`` of them. A request's own click logged
+at the same second never enters (see :func:`history_bounds`).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from qdrank.config import DataConfig
+from qdrank.data import schema
+from qdrank.data.features import (
+    Feature,
+    FeatureMap,
+    build_vocab,
+    fit_numeric,
+    infer_type,
+)
+
+SPLIT_CODES = {"train": 0, "valid": 1, "test": 2}
+BEHAVIOR_QUERY_TOKENS = 4
+MAX_POSITION = 64
+
+
+@dataclass
+class Batch:
+    """Tensors of a group of requests and their candidates (R requests, N candidates, L history)."""
+
+    request_id: torch.Tensor     # [R] original request ids
+    user_sparse: torch.Tensor    # [R, Su] profile ids (user_id included)
+    user_dense: torch.Tensor     # [R, Nu]
+    ctx_sparse: torch.Tensor     # [R, Sc] request context ids
+    ctx_dense: torch.Tensor      # [R, Nc]
+    query: torch.Tensor          # [R, Q] hashed query word/bigram ids, 0 = pad
+    hist_item: torch.Tensor      # [R, L] item rows, chronological, left-aligned, 0 = pad
+    hist_sparse: torch.Tensor    # [R, L, Sb] behaviour feature ids (action, ...)
+    hist_dense: torch.Tensor     # [R, L, Nb]
+    hist_query: torch.Tensor     # [R, L, Qb] hashed ids of the query each behaviour came from
+    hist_time: torch.Tensor      # [R, L] log2 bucket of (request time - behaviour time), 0 = pad
+    hist_len: torch.Tensor       # [R] true history length
+    cand_req: torch.Tensor       # [N] request row of each candidate
+    cand_item: torch.Tensor      # [N] item rows
+    cand_sparse: torch.Tensor    # [N, Sk] candidate (impression) feature ids
+    cand_dense: torch.Tensor     # [N, Nk]
+    position: torch.Tensor       # [N] shown position + 1, 0 = unknown (serving)
+    click: torch.Tensor          # [N] float 0/1
+    purchase: torch.Tensor       # [N] float 0/1, -1 = unknown
+
+    def to(self, device: torch.device | str) -> Batch:
+        return Batch(**{f.name: getattr(self, f.name).to(device, non_blocking=True) for f in fields(self)})
+
+    @property
+    def n_requests(self) -> int:
+        return int(self.request_id.shape[0])
+
+    @property
+    def hist_mask(self) -> torch.Tensor:
+        return self.hist_item > 0
+
+
+def history_bounds(beh_user: np.ndarray, beh_ts: np.ndarray, req_user: np.ndarray, req_ts: np.ndarray,
+                   max_history: int) -> tuple[np.ndarray, np.ndarray]:
+    """[start, end) into behaviours sorted by (user, timestamp) for each request.
+
+    ``end`` is the first behaviour of the user at or after the request time (side='left'), so
+    behaviours at the request's own second are excluded: no label leak.
+    """
+    if len(beh_user) == 0:
+        z = np.zeros(len(req_user), dtype=np.int64)
+        return z, z
+    t0 = min(int(beh_ts.min()), int(req_ts.min()))
+    span = max(int(beh_ts.max()), int(req_ts.max())) - t0 + 2
+    n_users = int(max(beh_user.max(), req_user.max())) + 1
+    if span * n_users >= 2**62:  # cannot pack into one int64 key
+        raise ValueError("timestamp range x users too large to index; rebase timestamps")
+    beh_key = beh_user.astype(np.int64) * span + (beh_ts - t0)
+    req_key = req_user.astype(np.int64) * span + (req_ts - t0)
+    end = np.searchsorted(beh_key, req_key, side="left")
+    first = np.searchsorted(beh_key, req_user.astype(np.int64) * span, side="left")
+    start = np.maximum(first, end - max_history)
+    return start.astype(np.int64), end.astype(np.int64)
+
+
+def time_bucket(gap_seconds: np.ndarray, n_buckets: int) -> np.ndarray:
+    """1 + floor(log2(1 + gap)), capped; 0 is reserved for padding."""
+    g = np.maximum(gap_seconds, 0).astype(np.float64)
+    return (1 + np.minimum(np.floor(np.log2(1 + g)), n_buckets - 2)).astype(np.int64)
+
+
+class SearchLogDataset:
+    """A dataset directory encoded with a :class:`FeatureMap` (fitted on its training split)."""
+
+    def __init__(self, path: str | Path, cfg: DataConfig, fmap: FeatureMap | None = None,
+                 log: Callable[[str], None] | None = None):
+        self.path = Path(path)
+        self.cfg = cfg
+        log = log or (lambda m: print(m, file=sys.stderr))
+        self.report = schema.validate_dataset(self.path)
+        for w in self.report.warnings:
+            log(f"warning: {w}")
+        spec = schema.load_spec(self.path)
+        tables = {n: pd.read_parquet(self.path / n) for n in schema.REQUIRED_TABLES + schema.OPTIONAL_TABLES
+                  if (self.path / n).exists()}
+        req = tables[schema.REQUESTS].reset_index(drop=True)
+        imp = tables[schema.IMPRESSIONS]
+        beh = tables[schema.BEHAVIORS]
+
+        # ---- split by time (or the given split column) -----------------------------------
+        if "split" in req.columns:
+            split = req["split"].map(SPLIT_CODES).to_numpy(dtype=np.int64)
+        else:
+            split = split_by_time(req["timestamp"].to_numpy(), cfg.split)
+        self.split = split
+        train_req = req[split == 0]
+        if len(train_req) == 0:
+            raise schema.DatasetError(schema.REQUESTS, "no request falls in the train split")
+        cutoff = int(train_req["timestamp"].max()) + 1
+        imp_train = imp[imp["request_id"].isin(train_req["request_id"])]
+        beh_fit = beh[beh["timestamp"] < cutoff]
+
+        # ---- feature map ------------------------------------------------------------------
+        if fmap is None:
+            fmap = fit_feature_map(tables, spec, cfg, train_req, imp_train, beh_fit, log)
+        self.fmap = fmap
+
+        # ---- entity rows ------------------------------------------------------------------
+        user_keys = pd.Index(pd.unique(pd.concat([req["user_id"], beh["user_id"]], ignore_index=True).map(str)))
+        self.user_keys = user_keys
+        req_user = user_keys.get_indexer(req["user_id"].map(str)) + 1
+        beh_user = user_keys.get_indexer(beh["user_id"].map(str)) + 1
+        item_index = pd.Index(fmap.item_vocab)
+        self._item_index = item_index
+
+        # users: profile rows aligned with user_keys (row 0 = unknown user)
+        users = tables.get(schema.USERS)
+        prof = pd.DataFrame({"user_id": user_keys})
+        if users is not None:
+            u = users.copy()
+            u["user_id"] = u["user_id"].map(str)
+            prof = prof.merge(u, on="user_id", how="left")
+        prof = pd.concat([prof.iloc[:0].reindex([0]), prof], ignore_index=True)
+        self.user_sparse = fmap.encode_sparse("user", prof)
+        self.user_sparse[0] = 0
+        self.user_dense = fmap.encode_numeric("user", prof)
+
+        # ---- requests ---------------------------------------------------------------------
+        order = np.lexsort((req["request_id"].to_numpy(), req["timestamp"].to_numpy()))
+        req = req.iloc[order].reset_index(drop=True)
+        self.split = self.split[order]
+        req_user = req_user[order]
+        self.request_id = req["request_id"].to_numpy(dtype=np.int64)
+        self.req_ts = req["timestamp"].to_numpy(dtype=np.int64)
+        self.req_user = req_user.astype(np.int64)
+        self.query = fmap.encode_text(req["query"], cfg.max_query_tokens)
+        self.ctx_sparse = fmap.encode_sparse("context", req)
+        self.ctx_dense = fmap.encode_numeric("context", req)
+
+        # ---- impressions, grouped by request row -----------------------------------------
+        rid_index = pd.Index(self.request_id)
+        imp_row = rid_index.get_indexer(imp["request_id"])
+        imp_order = np.argsort(imp_row, kind="stable")
+        imp = imp.iloc[imp_order].reset_index(drop=True)
+        imp_row = imp_row[imp_order]
+        counts = np.bincount(imp_row, minlength=len(req))
+        self.imp_end = np.cumsum(counts).astype(np.int64)
+        self.imp_start = self.imp_end - counts
+        self.cand_item = self.item_rows(imp["item_id"])
+        self.cand_sparse = fmap.encode_sparse("candidate", imp)
+        self.cand_dense = fmap.encode_numeric("candidate", imp)
+        if "position" in imp.columns:
+            pos = imp["position"].fillna(-1).to_numpy(dtype=np.int64)
+            self.position = np.where(pos >= 0, np.minimum(pos + 1, MAX_POSITION - 1), 0)
+        else:
+            self.position = np.zeros(len(imp), dtype=np.int64)
+        self.click = imp["click"].to_numpy(dtype=np.float32)
+        if "purchase" in imp.columns:
+            self.purchase = imp["purchase"].astype("float32").fillna(-1).to_numpy(dtype=np.float32)
+        else:
+            self.purchase = np.full(len(imp), -1, dtype=np.float32)
+        self.oracle = {c: imp[c].to_numpy(dtype=np.float64) for c in schema.ORACLE_COLUMNS if c in imp.columns}
+
+        # ---- behaviours, sorted by (user, time) -------------------------------------------
+        b_order = np.lexsort((beh["timestamp"].to_numpy(), beh_user))
+        beh = beh.iloc[b_order].reset_index(drop=True)
+        self.beh_user = beh_user[b_order].astype(np.int64)
+        self.beh_ts = beh["timestamp"].to_numpy(dtype=np.int64)
+        self.beh_item = self.item_rows(beh["item_id"])
+        self.beh_sparse = fmap.encode_sparse("behavior", beh)
+        self.beh_dense = fmap.encode_numeric("behavior", beh)
+        self.beh_query = (fmap.encode_text(beh["query"], BEHAVIOR_QUERY_TOKENS) if "query" in beh.columns
+                          else np.zeros((len(beh), BEHAVIOR_QUERY_TOKENS), dtype=np.int64))
+        self.hist_start, self.hist_end = history_bounds(self.beh_user, self.beh_ts, self.req_user, self.req_ts,
+                                                        cfg.max_history)
+
+    # ---- helpers ------------------------------------------------------------------------------
+    def item_rows(self, item_ids: pd.Series) -> np.ndarray:
+        """External item ids -> item rows (2.. known, 1 unknown)."""
+        idx = self._item_index.get_indexer(item_ids.map(str))
+        return np.where(idx >= 0, idx + 2, 1).astype(np.int64)
+
+    def item_tables(self, tables_path: Path | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Item side-feature tables aligned with item rows (row 0 pad, row 1 unknown)."""
+        fmap = self.fmap
+        items = pd.DataFrame({"item_id": fmap.item_vocab})
+        f = self.path / schema.ITEMS
+        if f.exists():
+            side = pd.read_parquet(f)
+            side["item_id"] = side["item_id"].map(str)
+            items = items.merge(side, on="item_id", how="left")
+        pad = pd.DataFrame({"item_id": [None, "\x00__unknown__"]})
+        items = pd.concat([pad, items], ignore_index=True)
+        sparse = fmap.encode_sparse("item", items)
+        sparse[0] = 0
+        return sparse, fmap.encode_numeric("item", items)
+
+    def requests_of(self, split: str) -> np.ndarray:
+        rows = np.flatnonzero((self.split == SPLIT_CODES[split]) & (self.imp_end > self.imp_start))
+        return rows
+
+    def n_impressions(self, rows: np.ndarray) -> int:
+        return int((self.imp_end[rows] - self.imp_start[rows]).sum())
+
+    def make_batch(self, rows: np.ndarray) -> Batch:
+        """Gather requests ``rows`` (and all their candidates) into tensors."""
+        rows = np.asarray(rows, dtype=np.int64)
+        L = self.cfg.max_history
+        hs, he = self.hist_start[rows], self.hist_end[rows]
+        # most recent L, chronological, left-aligned
+        idx = hs[:, None] + np.arange(L)[None, :]
+        valid = idx < he[:, None]
+        idx = np.where(valid, idx, 0)
+        n_beh = len(self.beh_ts)
+        if n_beh == 0:
+            valid[:] = False
+            idx[:] = 0
+            beh_item = np.zeros((1,), dtype=np.int64)
+            beh_sparse = np.zeros((1, self.beh_sparse.shape[1]), dtype=np.int64)
+            beh_dense = np.zeros((1, self.beh_dense.shape[1]), dtype=np.float32)
+            beh_query = np.zeros((1, BEHAVIOR_QUERY_TOKENS), dtype=np.int64)
+            beh_ts = np.zeros(1, dtype=np.int64)
+        else:
+            beh_item, beh_sparse, beh_dense = self.beh_item, self.beh_sparse, self.beh_dense
+            beh_query, beh_ts = self.beh_query, self.beh_ts
+        hist_item = np.where(valid, beh_item[idx], 0)
+        hist_sparse = beh_sparse[idx] * valid[..., None]
+        hist_dense = beh_dense[idx] * valid[..., None]
+        hist_query = beh_query[idx] * valid[..., None]
+        gap = self.req_ts[rows][:, None] - beh_ts[idx]
+        hist_time = np.where(valid, time_bucket(gap, self.cfg.time_buckets), 0)
+
+        counts = self.imp_end[rows] - self.imp_start[rows]
+        cand_req = np.repeat(np.arange(len(rows)), counts)
+        cand = np.concatenate([np.arange(s, e) for s, e in zip(self.imp_start[rows], self.imp_end[rows])]) \
+            if len(rows) else np.zeros(0, dtype=np.int64)
+        ur = self.req_user[rows]
+        t = torch.from_numpy
+        return Batch(
+            request_id=t(self.request_id[rows]),
+            user_sparse=t(self.user_sparse[ur]), user_dense=t(self.user_dense[ur]),
+            ctx_sparse=t(self.ctx_sparse[rows]), ctx_dense=t(self.ctx_dense[rows]),
+            query=t(self.query[rows]),
+            hist_item=t(hist_item), hist_sparse=t(hist_sparse), hist_dense=t(hist_dense.astype(np.float32)),
+            hist_query=t(hist_query), hist_time=t(hist_time), hist_len=t(valid.sum(1).astype(np.int64)),
+            cand_req=t(cand_req.astype(np.int64)), cand_item=t(self.cand_item[cand]),
+            cand_sparse=t(self.cand_sparse[cand]), cand_dense=t(self.cand_dense[cand]),
+            position=t(self.position[cand]), click=t(self.click[cand]), purchase=t(self.purchase[cand]),
+        )
+
+    def candidate_index(self, rows: np.ndarray) -> np.ndarray:
+        """Impression indices of ``rows``, in the order make_batch emits candidates."""
+        return np.concatenate([np.arange(s, e) for s, e in zip(self.imp_start[rows], self.imp_end[rows])]) \
+            if len(rows) else np.zeros(0, dtype=np.int64)
+
+    def pack(self, rows: np.ndarray, batch_size: int) -> list[np.ndarray]:
+        """Cut ``rows`` (in order) into groups of whole requests with ~batch_size impressions."""
+        counts = self.imp_end[rows] - self.imp_start[rows]
+        csum = np.cumsum(counts)
+        group = (csum - 1) // max(batch_size, 1)
+        cuts = np.flatnonzero(np.diff(group)) + 1
+        return [g for g in np.split(rows, cuts) if len(g)]
+
+    def iter_batches(self, split: str, batch_size: int, shuffle: bool = False, seed: int = 0, rank: int = 0,
+                     world: int = 1) -> Iterator[Batch]:
+        for rows in self.batch_rows(split, batch_size, shuffle, seed, rank, world):
+            yield self.make_batch(rows)
+
+    def batch_rows(self, split: str, batch_size: int, shuffle: bool = False, seed: int = 0, rank: int = 0,
+                   world: int = 1) -> list[np.ndarray]:
+        """Request-row groups for one pass. With ``world`` > 1 each rank gets its own share; in
+        training (shuffle) every rank gets the same number of batches so collectives line up."""
+        rows = self.requests_of(split)
+        if shuffle:
+            rows = np.random.default_rng(seed).permutation(rows)
+        groups = self.pack(rows, batch_size)
+        if world > 1:
+            if shuffle:
+                n = len(groups) // world
+                groups = groups[rank * n:(rank + 1) * n] if n else groups[:1]
+            else:
+                groups = groups[rank::world]
+        return groups
+
+
+def split_by_time(ts: np.ndarray, fractions: tuple[float, float, float]) -> np.ndarray:
+    """Train = earliest requests, valid = next, test = latest; boundaries fall between timestamps
+    so no two requests of the same second land in different splits."""
+    s = np.sort(ts)
+    n = len(s)
+    t1 = s[min(int(n * fractions[0]), n - 1)]
+    t2 = s[min(int(n * (fractions[0] + fractions[1])), n - 1)]
+    out = np.where(ts < t1, 0, np.where(ts < t2, 1, 2))
+    return out.astype(np.int64)
+
+
+def fit_feature_map(tables: dict[str, pd.DataFrame], spec: dict, cfg: DataConfig, train_req: pd.DataFrame,
+                    imp_train: pd.DataFrame, beh_fit: pd.DataFrame, log: Callable[[str], None]) -> FeatureMap:
+    """Declare/infer every feature, then fit vocabularies and statistics on training rows only."""
+    declared = spec.get("features", {})
+    fit_rows = {schema.REQUESTS: train_req, schema.IMPRESSIONS: imp_train, schema.BEHAVIORS: beh_fit}
+    users = tables.get(schema.USERS)
+    if users is not None:
+        fit_rows[schema.USERS] = users[users["user_id"].map(str).isin(set(train_req["user_id"].map(str)))]
+    if schema.ITEMS in tables:
+        fit_rows[schema.ITEMS] = tables[schema.ITEMS]
+
+    features: dict[str, Feature] = {}
+    inferred: list[str] = []
+    # entity ids are categorical features of their role
+    features["user_id"] = Feature("user_id", "user", "categorical")
+    features["item_id"] = Feature("item_id", "item", "categorical")
+    features["action"] = Feature("action", "behavior", "categorical")
+    id_values = {"user_id": train_req["user_id"], "action": beh_fit["action"],
+                 "item_id": pd.concat([imp_train["item_id"], beh_fit["item_id"]], ignore_index=True)}
+    for table, df in fit_rows.items():
+        role = schema.TABLE_ROLE[table]
+        for col in tables[table].columns:
+            if col in schema.RESERVED[table] or col in schema.ORACLE_COLUMNS:
+                continue
+            if col in features:
+                raise schema.DatasetError(table, f"feature name '{col}' is used by two tables; rename one", col)
+            decl = declared.get(col, {})
+            ftype = decl.get("type") or infer_type(tables[table][col])
+            if "type" not in decl:
+                inferred.append(f"{col}={ftype}")
+            if ftype == "ignore":
+                continue
+            features[col] = Feature(col, decl.get("role", role), ftype)
+            id_values[col] = df[col]
+    if inferred:
+        log("inferred feature types (declare them in dataset.yaml to change): " + ", ".join(inferred))
+
+    offset = 1
+    for name, f in features.items():
+        if f.type in ("categorical", "list"):
+            f.vocab = build_vocab(id_values[name], cfg.min_count if name != "user_id" else 1, f.type == "list")
+            f.slots = 1 if f.type == "categorical" else cfg.max_list_len
+            f.offset = offset
+            offset += 1 + len(f.vocab)
+        elif f.type == "text":
+            f.slots = cfg.max_list_len
+        elif f.type == "numeric":
+            fit_numeric(f, id_values[name])
+    text_offset = offset
+    vocab_size = offset + cfg.query_buckets
+
+    all_items = [tables[schema.IMPRESSIONS]["item_id"], tables[schema.BEHAVIORS]["item_id"]]
+    if schema.ITEMS in tables:
+        all_items.append(tables[schema.ITEMS]["item_id"])
+    item_vocab = pd.unique(pd.concat(all_items, ignore_index=True).map(str)).tolist()
+
+    gate = spec.get("gate") or [f.name for f in features.values() if f.role in ("user", "context")]
+    unknown = [g for g in gate if g not in features]
+    if unknown:
+        raise schema.DatasetError(schema.SPEC, f"gate names unknown features {unknown}; known: {sorted(features)}")
+    imp_all = tables[schema.IMPRESSIONS]
+    category = next((c for c in ("category", "cate_id_1", "cate_id_3", "genres", "properties")
+                     if c in features and features[c].role == "item"), None)
+    if spec.get("category"):
+        category = spec["category"]
+    return FeatureMap(
+        features=features, text_offset=text_offset, query_buckets=cfg.query_buckets,
+        max_query_tokens=cfg.max_query_tokens, max_list_len=cfg.max_list_len, time_buckets=cfg.time_buckets,
+        vocab_size=vocab_size, gate=list(gate),
+        user_key_type="int" if pd.api.types.is_integer_dtype(train_req["user_id"]) else "str",
+        item_key_type="int" if pd.api.types.is_integer_dtype(imp_all["item_id"]) else "str",
+        has_purchase="purchase" in imp_all.columns and bool(imp_all["purchase"].notna().any()),
+        has_position="position" in imp_all.columns, max_position=MAX_POSITION,
+        item_vocab=item_vocab, has_category=category,
+    )

@@ -1,0 +1,72 @@
+"""``qdrank data inspect``: the counts a ranking engineer checks before training."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from qdrank.config import DataConfig
+from qdrank.data import schema
+from qdrank.data.dataset import SPLIT_CODES, history_bounds, split_by_time
+
+
+def inspect_dataset(path: Path, cfg: DataConfig | None = None) -> dict:
+    cfg = cfg or DataConfig()
+    rep = schema.validate_dataset(path)
+    req = pd.read_parquet(path / schema.REQUESTS)
+    imp = pd.read_parquet(path / schema.IMPRESSIONS)
+    beh = pd.read_parquet(path / schema.BEHAVIORS, columns=["user_id", "item_id", "timestamp", "action"])
+    split = (req["split"].map(SPLIT_CODES).to_numpy() if "split" in req.columns
+             else split_by_time(req["timestamp"].to_numpy(), cfg.split))
+    users = pd.Index(pd.unique(pd.concat([req["user_id"], beh["user_id"]]).map(str)))
+    ru = users.get_indexer(req["user_id"].map(str))
+    bu = users.get_indexer(beh["user_id"].map(str))
+    order = np.lexsort((beh["timestamp"].to_numpy(), bu))
+    s, e = history_bounds(bu[order], beh["timestamp"].to_numpy()[order], ru, req["timestamp"].to_numpy(),
+                          max_history=10**9)
+    hist = e - s
+    per_req = imp.groupby("request_id").size()
+    out = {
+        "path": str(path), "tables": rep.tables,
+        "requests": len(req), "impressions": len(imp), "behaviors": len(beh),
+        "users": int(req["user_id"].nunique()),
+        "items": int(pd.concat([imp["item_id"], beh["item_id"]]).nunique()),
+        "candidates_per_request": {"mean": float(per_req.mean()), "min": int(per_req.min()), "max": int(per_req.max())},
+        "positives": {"click": int(imp["click"].sum())},
+        "ctr": float(imp["click"].mean()),
+        "queries_empty_fraction": float((req["query"].fillna("") == "").mean()),
+        "history_length": {"mean": float(hist.mean()), "p50": float(np.percentile(hist, 50)),
+                           "p90": float(np.percentile(hist, 90)), "max": int(hist.max()),
+                           "zero_fraction": float((hist == 0).mean()),
+                           f"truncated_at_{cfg.max_history}": float((hist > cfg.max_history).mean())},
+        "split": {name: int((split == code).sum()) for name, code in SPLIT_CODES.items()},
+        "split_source": "column" if "split" in req.columns else f"by time {list(cfg.split)}",
+        "actions": {str(k): int(v) for k, v in beh["action"].value_counts().items()},
+        "warnings": rep.warnings,
+    }
+    if "purchase" in imp.columns:
+        out["positives"]["purchase"] = int(imp["purchase"].fillna(0).sum())
+        clicked = imp[imp["click"] == 1]
+        out["cvr_on_clicks"] = float(clicked["purchase"].mean()) if len(clicked) else float("nan")
+    return out
+
+
+def format_inspection(d: dict) -> str:
+    h = d["history_length"]
+    lines = [
+        f"dataset {d['path']}  (tables: {', '.join(d['tables'])})",
+        f"  requests     {d['requests']:>12,}   users {d['users']:,}   items {d['items']:,}",
+        f"  impressions  {d['impressions']:>12,}   per request mean {d['candidates_per_request']['mean']:.1f}"
+        f" (min {d['candidates_per_request']['min']}, max {d['candidates_per_request']['max']})",
+        f"  behaviors    {d['behaviors']:>12,}   actions: " + ", ".join(f"{k} {v:,}" for k, v in d["actions"].items()),
+        "  positives    " + ", ".join(f"{k} {v:,}" for k, v in d["positives"].items())
+        + f"   CTR {d['ctr']:.4f}" + (f"   CVR|click {d['cvr_on_clicks']:.4f}" if "cvr_on_clicks" in d else ""),
+        f"  empty queries {d['queries_empty_fraction']:.1%}",
+        f"  history (strictly earlier behaviours) mean {h['mean']:.1f}  p50 {h['p50']:.0f}  p90 {h['p90']:.0f}"
+        f"  max {h['max']}  empty {h['zero_fraction']:.1%}",
+        "  split " + ", ".join(f"{k} {v:,}" for k, v in d["split"].items()) + f"  ({d['split_source']})",
+    ]
+    lines += [f"  warning: {w}" for w in d["warnings"]]
+    return "\n".join(lines)

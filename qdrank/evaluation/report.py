@@ -1,0 +1,247 @@
+"""Tables and plots that every command writes: aggregation over seeds, Markdown tables,
+grouped bar charts and an atomic ``write_report`` (``name.json`` + ``name.md`` + ``name.png``).
+
+A *row* is ``{"model": "DIN", "<metric key>": value, ...}`` where a value is a float, an int,
+a string, or an aggregate ``{"mean": .., "std": .., ...}`` as returned by :func:`aggregate`.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from qdrank.utils.io import atomic_output, atomic_write_bytes, atomic_write_json, atomic_write_text
+
+__all__ = ["aggregate", "bar_plot", "format_value", "markdown_table", "write_report"]
+
+MISSING = "–"  # en dash
+
+
+# --------------------------------------------------------------------------- aggregation
+
+
+def _as_float(v: Any) -> float:
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return float("nan")
+
+
+def aggregate(runs: Sequence[Mapping[str, Any]], keys: Iterable[str]) -> dict[str, dict[str, Any]]:
+    """Mean / sample std over per-seed runs of one model.
+
+    Returns ``{key: {"mean", "std", "n", "values"}}``. NaN (or ``None``) values are skipped;
+    ``n`` counts the non-NaN values used, ``std`` is the sample std (ddof=1) when ``n > 1`` else 0.0,
+    ``mean`` is NaN when ``n == 0``. ``values`` lists every value found (NaN included) in run
+    order; runs without the key are ignored.
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for key in keys:
+        values = [_as_float(r[key]) if r.get(key) is not None else float("nan") for r in runs if key in r]
+        used = np.asarray([v for v in values if not math.isnan(v)], dtype=np.float64)
+        n = int(used.size)
+        mean = float(used.mean()) if n else float("nan")
+        std = float(used.std(ddof=1)) if n > 1 else 0.0
+        out[key] = {"mean": mean, "std": std, "n": n, "values": values}
+    return out
+
+
+# --------------------------------------------------------------------------- markdown
+
+
+def _mean_of(v: Any) -> float:
+    """Comparable number of a cell (aggregate -> mean); NaN when not numeric."""
+    if isinstance(v, Mapping):
+        return _as_float(v.get("mean"))
+    if isinstance(v, bool) or isinstance(v, str) or v is None:
+        return float("nan")
+    return _as_float(v)
+
+
+def format_value(v: Any, digits: int = 4) -> str:
+    """Render one cell: float -> ``0.7123``, aggregate -> ``0.7123 ± 0.0021``, missing -> ``–``."""
+    if v is None:
+        return MISSING
+    if isinstance(v, Mapping):
+        mean = _as_float(v.get("mean"))
+        if math.isnan(mean):
+            return MISSING
+        std = _as_float(v.get("std"))
+        if math.isnan(std):
+            return f"{mean:.{digits}f}"
+        return f"{mean:.{digits}f} ± {std:.{digits}f}"
+    if isinstance(v, bool):
+        return str(v)
+    if isinstance(v, int | np.integer):
+        return str(int(v))
+    if isinstance(v, float | np.floating):
+        return MISSING if math.isnan(float(v)) else f"{float(v):.{digits}f}"
+    return str(v).replace("|", "\\|").replace("\n", " ")
+
+
+def markdown_table(
+    rows: Sequence[Mapping[str, Any]],
+    columns: Sequence[tuple[str, str]],
+    title: str | None = None,
+    bold_best: set[str] | None = None,
+    digits: int = 4,
+) -> str:
+    """GitHub Markdown table, one line per row.
+
+    ``columns`` are ``(key, header)`` pairs; a ``"model"`` column is prepended unless listed.
+    For every key in ``bold_best`` (metrics where higher is better) the cell(s) with the
+    highest mean are bolded. ``title`` becomes a ``###`` heading above the table.
+    """
+    cols = list(columns)
+    if not any(k == "model" for k, _ in cols):
+        cols = [("model", "Model"), *cols]
+    bold_best = bold_best or set()
+    best: dict[str, float] = {}
+    for key in bold_best:
+        means = [m for m in (_mean_of(r.get(key)) for r in rows) if not math.isnan(m)]
+        if means:
+            best[key] = max(means)
+
+    lines: list[str] = []
+    if title:
+        lines += [f"### {title}", ""]
+    lines.append("| " + " | ".join(h for _, h in cols) + " |")
+    lines.append("|" + "|".join(":---" if k == "model" else "---:" for k, _ in cols) + "|")
+    for r in rows:
+        cells = []
+        for key, _ in cols:
+            v = r.get(key)
+            text = format_value(v, digits)
+            if key in best and text != MISSING and _mean_of(v) == best[key]:
+                text = f"**{text}**"
+            cells.append(text)
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------- plots
+
+
+def _mean_std(v: Any) -> tuple[float, float]:
+    if isinstance(v, Mapping):
+        std = _as_float(v.get("std", 0.0))
+        return _as_float(v.get("mean")), 0.0 if math.isnan(std) else std
+    return _mean_of(v), 0.0
+
+
+def bar_plot(
+    rows: Sequence[Mapping[str, Any]],
+    metrics: Sequence[str],
+    path: str | Path,
+    title: str,
+    reference: Mapping[str, float] | None = None,
+    labels: Mapping[str, str] | None = None,
+    digits: int = 4,
+) -> Path:
+    """Grouped bar chart (one group per metric, one bar per model) with std error bars.
+
+    Each metric gets its own panel with a y-axis zoomed to its data range (AUCs of
+    competing models differ in the 2nd-3rd decimal, and metrics such as AUC and logloss
+    live on different scales). ``reference`` draws a dashed horizontal line per metric
+    (e.g. an oracle ceiling). Saved as PNG (Agg backend, dpi 120) atomically at ``path``.
+    """
+    # Object-oriented API on an explicit Agg canvas: no pyplot global state, no display.
+    import matplotlib
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    path = Path(path)
+    reference = dict(reference or {})
+    labels = dict(labels or {})
+    models = [str(r.get("model", f"model{i}")) for i, r in enumerate(rows)]
+    n_models, n_metrics = len(models), max(len(metrics), 1)
+    cmap = matplotlib.colormaps["tab10" if n_models <= 10 else "tab20"]
+    colors = [cmap(i % cmap.N) for i in range(n_models)]
+
+    panel_w = max(2.6, 0.55 * n_models + 1.0)
+    fig = Figure(figsize=(min(panel_w * n_metrics + 0.6, 30.0), 4.6), dpi=120)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, n_metrics, squeeze=False)[0]
+    rotate = n_models > 4
+    for ax, metric in zip(axes, metrics):
+        ms = [_mean_std(r.get(metric)) for r in rows]
+        means = np.array([m for m, _ in ms], dtype=np.float64)
+        stds = np.array([s for _, s in ms], dtype=np.float64)
+        x = np.arange(n_models)
+        ok = ~np.isnan(means)
+        ax.bar(x[ok], means[ok], yerr=stds[ok], color=[colors[i] for i in x[ok]], width=0.75,
+               capsize=3, error_kw={"elinewidth": 1.0, "ecolor": "0.25"}, zorder=2)
+        lo_vals = list(means[ok] - stds[ok])
+        hi_vals = list(means[ok] + stds[ok])
+        ref = reference.get(metric)
+        if ref is not None and not math.isnan(_as_float(ref)):
+            ref = float(ref)
+            ax.axhline(ref, color="0.2", linestyle="--", linewidth=1.2, zorder=3)
+            ax.annotate(f"ref {ref:.{digits}f}", xy=(1.0, ref), xycoords=("axes fraction", "data"),
+                        xytext=(-2, 3), textcoords="offset points", ha="right", va="bottom",
+                        fontsize=8, color="0.2")
+            lo_vals.append(ref)
+            hi_vals.append(ref)
+        if lo_vals:
+            lo, hi = float(np.min(lo_vals)), float(np.max(hi_vals))
+            span = max(hi - lo, 1e-3 * max(abs(hi), 1.0), 1e-9)
+            lo_lim = lo - 0.35 * span
+            if lo >= 0.0:
+                lo_lim = max(lo_lim, 0.0)
+            ax.set_ylim(lo_lim, hi + 0.45 * span)
+        for i in x[ok]:
+            ax.annotate(f"{means[i]:.{digits}f}", xy=(i, means[i] + stds[i]), xytext=(0, 3),
+                        textcoords="offset points", ha="center", va="bottom", fontsize=7.5,
+                        rotation=90 if rotate else 0, zorder=4)
+        if not ok.all():
+            for i in x[~ok]:
+                ax.annotate("n/a", xy=(i, 0.0), xycoords=("data", "axes fraction"), xytext=(0, 3),
+                            textcoords="offset points", ha="center", fontsize=7.5, color="0.4")
+        ax.set_title(labels.get(metric, metric), fontsize=10)
+        ax.set_xticks(x)
+        ax.set_xticklabels(models, rotation=35 if rotate else 0, ha="right" if rotate else "center",
+                           fontsize=8)
+        ax.grid(axis="y", linestyle=":", linewidth=0.6, zorder=0)
+        ax.tick_params(axis="y", labelsize=8)
+        ax.spines[["top", "right"]].set_visible(False)
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    atomic_write_bytes(path, buf.getvalue())
+    return path
+
+
+# --------------------------------------------------------------------------- report
+
+
+def write_report(
+    out_dir: str | Path,
+    name: str,
+    payload: Any,
+    markdown: str,
+    plot: Callable[[Path], Any] | None = None,
+) -> dict[str, Path]:
+    """Write ``name.json`` (NaN -> null), ``name.md`` and, if ``plot`` is given, ``name.png``.
+
+    ``plot`` is called with a temporary ``.png`` path in ``out_dir`` and must write the
+    image there (e.g. ``lambda p: bar_plot(rows, metrics, p, title)``); it is then moved
+    onto ``name.png``. Every file is written atomically. Returns ``{"json", "md"[, "png"]}``.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths: dict[str, Path] = {
+        "json": atomic_write_json(out_dir / f"{name}.json", payload),
+        "md": atomic_write_text(out_dir / f"{name}.md", markdown if markdown.endswith("\n") else markdown + "\n"),
+    }
+    if plot is not None:
+        png = out_dir / f"{name}.png"
+        with atomic_output(png) as tmp:
+            plot(tmp)
+        paths["png"] = png
+    return paths

@@ -1,0 +1,241 @@
+"""One trainer for every model: Adam, early stopping on validation GAUC, atomic checkpoints,
+exact resume, and multi-process data parallelism under ``torchrun``.
+
+Determinism: every epoch reseeds torch and the batch order from ``(seed, epoch)``, so a run
+resumed from the state saved after epoch k continues exactly as the uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from qdrank.config import RunConfig
+from qdrank.data.dataset import SearchLogDataset
+from qdrank.evaluation.metrics import RankingMetrics
+from qdrank.models.base import RankModel
+from qdrank.models.registry import model_class
+from qdrank.training import checkpoint as ckpt
+from qdrank.utils.io import to_jsonable
+
+
+@dataclass
+class DistContext:
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+SINGLE_PROCESS = DistContext()
+
+
+def init_distributed(device: torch.device) -> DistContext:
+    """Join the process group when launched by torchrun (WORLD_SIZE > 1)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistContext()
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return DistContext(dist.get_rank(), dist.get_world_size())
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            local = int(os.environ.get("LOCAL_RANK", "0"))
+            return torch.device(f"cuda:{local}")
+        return torch.device("cpu")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def build_model(cfg: RunConfig, ds: SearchLogDataset) -> RankModel:
+    seed_everything(cfg.train.seed)
+    model = model_class(cfg.model_name)(ds.fmap, cfg.model)
+    model.emb.set_item_tables(*ds.item_tables())
+    return model
+
+
+@torch.inference_mode()
+def predict(model: RankModel, ds: SearchLogDataset, split: str, batch_size: int, device: torch.device,
+            ctx: DistContext = SINGLE_PROCESS, progress: bool = False) -> dict[str, np.ndarray]:
+    """Scores of every impression of ``split`` (gathered over ranks): logits, labels, groups."""
+    model.eval()
+    out: dict[str, list] = {k: [] for k in ("ctr", "cvr", "imp")}
+    groups = ds.batch_rows(split, batch_size, rank=ctx.rank, world=ctx.world)
+    for rows in tqdm(groups, desc=f"eval {split}", disable=not progress, leave=False):
+        b = ds.make_batch(rows).to(device)
+        o = model(b, use_position=False)
+        out["ctr"].append(o.ctr_logit.float().cpu().numpy())
+        out["cvr"].append(o.cvr_logit.float().cpu().numpy())
+        out["imp"].append(ds.candidate_index(rows))
+    res = {k: np.concatenate(v) if v else np.zeros(0) for k, v in out.items()}
+    if ctx.world > 1:
+        parts: list = [None] * ctx.world
+        dist.all_gather_object(parts, res)
+        res = {k: np.concatenate([p[k] for p in parts]) for k in res}
+    order = np.argsort(res["imp"], kind="stable")
+    return {k: v[order] for k, v in res.items()}
+
+
+def metrics_from_predictions(ds: SearchLogDataset, pred: dict[str, np.ndarray]) -> dict:
+    """CTR metrics on all impressions; CVR on clicked impressions with a known purchase."""
+    imp = pred["imp"].astype(np.int64)
+    req_of_imp = np.repeat(np.arange(len(ds.imp_start)), ds.imp_end - ds.imp_start)
+    groups = req_of_imp[imp]
+    click = ds.click[imp]
+    out = {}
+    m = RankingMetrics(scores_are_logits=True)
+    m.update(click, pred["ctr"], groups)
+    out.update({f"ctr_{k}": v for k, v in m.compute().items()})
+    cm = (click > 0) & (ds.purchase[imp] >= 0)
+    if ds.fmap.has_purchase and cm.any():
+        m = RankingMetrics(scores_are_logits=True)
+        m.update(ds.purchase[imp][cm], pred["cvr"][cm], groups[cm])
+        out.update({f"cvr_{k}": v for k, v in m.compute().items()})
+    if "true_ctr" in ds.oracle:
+        m = RankingMetrics()
+        m.update(click, ds.oracle["true_ctr"][imp], groups, probs=ds.oracle["true_ctr"][imp])
+        out.update({f"oracle_ctr_{k}": v for k, v in m.compute().items() if k in ("auc", "gauc", "gauc_w")})
+        if "true_cvr" in ds.oracle and cm.any():
+            m = RankingMetrics()
+            p = ds.oracle["true_cvr"][imp][cm]
+            m.update(ds.purchase[imp][cm], p, groups[cm], probs=p)
+            out.update({f"oracle_cvr_{k}": v for k, v in m.compute().items() if k in ("auc", "gauc", "gauc_w")})
+    return out
+
+
+def evaluate(model: RankModel, ds: SearchLogDataset, split: str, batch_size: int, device: torch.device,
+             ctx: DistContext = SINGLE_PROCESS, progress: bool = False) -> dict:
+    return metrics_from_predictions(ds, predict(model, ds, split, batch_size, device, ctx, progress))
+
+
+def selection_metric(metrics: dict) -> float:
+    """Validation GAUC (unweighted); AUC where no request has mixed labels."""
+    for key in ("ctr_gauc", "ctr_auc"):
+        v = metrics.get(key, float("nan"))
+        if v == v:
+            return float(v)
+    return -0.5  # nothing measurable: keep the first epoch, then stop on patience
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, ds: SearchLogDataset, run_dir: Path, resume: bool = False,
+                 log=print):
+        self.cfg, self.ds, self.run_dir, self.log = cfg, ds, Path(run_dir), log
+        t = cfg.train
+        if t.num_threads > 0:
+            torch.set_num_threads(t.num_threads)
+        self.device = resolve_device(t.device)
+        self.ctx = init_distributed(self.device)
+        self.model = build_model(cfg, ds).to(self.device)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+        self.start_epoch, self.best, self.best_epoch, self.bad_epochs = 0, -1.0, -1, 0
+        state_file = self.run_dir / ckpt.STATE_DIR / ckpt.STATE_JSON
+        if state_file.exists() and not resume:
+            raise FileExistsError(f"{self.run_dir} already holds a run; pass --resume to continue it or "
+                                  "choose another --out")
+        if resume:
+            info = ckpt.load_train_state(self.run_dir, self.model, self.optimizer)
+            if info is None:
+                self.log(f"nothing to resume in {self.run_dir}: starting from scratch")
+            else:
+                self.start_epoch = info["epoch"] + 1
+                self.best, self.best_epoch, self.bad_epochs = info["best"], info["best_epoch"], info["bad_epochs"]
+                self.log(f"resuming after epoch {info['epoch']} (best valid GAUC {self.best:.4f})")
+        self.net = self.model
+        if self.ctx.world > 1:
+            self.net = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=True)
+
+    def fit(self) -> dict:
+        cfg, t, ds = self.cfg, self.cfg.train, self.ds
+        if self.ctx.main:
+            ckpt.write_json(self.run_dir / ckpt.CONFIG, cfg.to_dict())
+            ckpt.write_json(self.run_dir / ckpt.FEATURE_MAP, ds.fmap.to_dict())
+            ckpt.write_json(self.run_dir / "data.json", {"path": str(ds.path.resolve())})
+            if self.start_epoch == 0:
+                (self.run_dir / ckpt.METRICS).unlink(missing_ok=True)
+        epoch = self.start_epoch
+        stop = self.bad_epochs > t.patience
+        for epoch in range(self.start_epoch, t.max_epochs):
+            if stop:
+                break
+            seed_everything(t.seed * 1009 + epoch)
+            self.net.train()
+            groups = ds.batch_rows("train", t.batch_size, shuffle=True, seed=t.seed * 1009 + epoch,
+                                   rank=self.ctx.rank, world=self.ctx.world)
+            if t.max_steps_per_epoch:
+                groups = groups[: t.max_steps_per_epoch]
+            t0, n_seen, loss_sum = time.perf_counter(), 0, 0.0
+            bar = tqdm(groups, desc=f"epoch {epoch + 1}/{t.max_epochs}", disable=not (t.progress and self.ctx.main),
+                       unit="batch", dynamic_ncols=True)
+            for rows in bar:
+                b = ds.make_batch(rows).to(self.device)
+                out = self.net(b)
+                loss, parts = self.model.loss(b, out, t.cvr_weight)
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if t.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
+                self.optimizer.step()
+                n_seen += len(b.click)
+                loss_sum += float(loss.detach()) * len(b.click)
+                bar.set_postfix(loss=f"{loss_sum / n_seen:.4f}",
+                                samples_s=f"{n_seen * self.ctx.world / (time.perf_counter() - t0):.0f}")
+            train_time = time.perf_counter() - t0
+            valid = evaluate(self.model, ds, "valid", t.eval_batch_size, self.device, self.ctx)
+            score = selection_metric(valid)
+            improved = score > self.best
+            if improved:
+                self.best, self.best_epoch, self.bad_epochs = score, epoch, 0
+            else:
+                self.bad_epochs += 1
+            record = {"epoch": epoch, "train_loss": loss_sum / max(n_seen, 1),
+                      "samples_per_s": n_seen * self.ctx.world / max(train_time, 1e-9),
+                      "train_seconds": train_time, "valid": valid, "best_epoch": self.best_epoch}
+            if self.ctx.main:
+                if improved:
+                    ckpt.save_tensors(self.run_dir / ckpt.WEIGHTS, ckpt.model_tensors(self.model))
+                with open(self.run_dir / ckpt.METRICS, "a") as f:
+                    f.write(json.dumps(to_jsonable(record)) + "\n")
+                ckpt.save_train_state(self.run_dir, epoch, self.model, self.optimizer,
+                                      {"best": self.best, "best_epoch": self.best_epoch,
+                                       "bad_epochs": self.bad_epochs})
+                self.log(f"epoch {epoch + 1}: loss {record['train_loss']:.4f}  valid AUC {valid.get('ctr_auc', float('nan')):.4f}"
+                         f"  GAUC {valid.get('ctr_gauc', float('nan')):.4f}  {record['samples_per_s']:.0f} samples/s"
+                         + ("  *" if improved else ""))
+            if self.ctx.world > 1:
+                dist.barrier()
+            if self.bad_epochs > t.patience:
+                self.log(f"early stop: no validation GAUC gain for {self.bad_epochs} epochs")
+                break
+        # reload the best weights for the final report
+        if (self.run_dir / ckpt.WEIGHTS).exists():
+            from safetensors.torch import load_file
+            self.model.load_state_dict(load_file(str(self.run_dir / ckpt.WEIGHTS), device=str(self.device)))
+        result = {"best_epoch": self.best_epoch, "best_valid_gauc": self.best,
+                  "valid": evaluate(self.model, ds, "valid", t.eval_batch_size, self.device, self.ctx),
+                  "test": evaluate(self.model, ds, "test", t.eval_batch_size, self.device, self.ctx),
+                  "n_parameters": self.model.n_parameters()}
+        if self.ctx.main:
+            ckpt.write_json(self.run_dir / "result.json", result)
+        return result
