@@ -45,3 +45,9 @@ def tiny_config(model: str, *overrides: str):
     return build_config(model, overrides=["data.max_history=20", "data.query_buckets=2000", "model.dim=16",
                                           "train.batch_size=512", "train.max_epochs=2", "train.progress=false",
                                           *overrides])
+
+
+@pytest.fixture
+def make_config():
+    """Fixture form of :func:`tiny_config` (``from conftest import tiny_config`` also works)."""
+    return tiny_config

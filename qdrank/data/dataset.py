@@ -381,7 +381,8 @@ def fit_feature_map(tables: dict[str, pd.DataFrame], spec: dict, cfg: DataConfig
         all_items.append(tables[schema.ITEMS]["item_id"])
     item_vocab = pd.unique(pd.concat(all_items, ignore_index=True).map(str)).tolist()
 
-    gate = spec.get("gate") or [f.name for f in features.values() if f.role in ("user", "context")]
+    gate = spec.get("gate") or [f.name for f in features.values()
+                                 if f.role in ("user", "context") and f.name != "user_id"]
     unknown = [g for g in gate if g not in features]
     if unknown:
         raise schema.DatasetError(schema.SPEC, f"gate names unknown features {unknown}; known: {sorted(features)}")

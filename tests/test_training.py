@@ -1,0 +1,136 @@
+"""Trainer: seed determinism, SIGKILL + --resume, 2-process torchrun, CLI train/evaluate, configs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from qdrank.config import ConfigError, build_config
+from qdrank.training import checkpoint as ckpt
+from qdrank.training.trainer import Trainer, evaluate, resolve_device
+
+from conftest import tiny_config
+
+SMALL = ["data.max_history=20", "data.query_buckets=2000", "model.dim=16", "train.batch_size=512",
+         "train.progress=false"]
+
+
+def _cli(*args, env=None, **kw):
+    e = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
+    return subprocess.run([sys.executable, "-m", "qdrank.cli", *args], capture_output=True, text=True, env=e, **kw)
+
+
+def test_same_seed_same_metrics_and_different_seed_differs(tiny_dataset, tmp_path):
+    _, ds = tiny_dataset
+    res = []
+    for i, seed in enumerate([3, 3, 4]):
+        cfg = tiny_config("din", "train.max_epochs=2", f"train.seed={seed}")
+        res.append(Trainer(cfg, ds, tmp_path / f"r{i}").fit()["test"])
+    assert res[0] == res[1]
+    assert res[0]["ctr_auc"] != res[2]["ctr_auc"]
+
+
+def test_training_improves_over_chance(tiny_dataset, tmp_path):
+    _, ds = tiny_dataset
+    cfg = tiny_config("dnn", "train.max_epochs=6", "train.lr=0.003", "train.patience=6")
+    out = Trainer(cfg, ds, tmp_path / "r").fit()
+    assert out["valid"]["ctr_auc"] > 0.55, out["valid"]
+    lines = (tmp_path / "r" / ckpt.METRICS).read_text().splitlines()
+    assert len(lines) >= 1 and "valid" in json.loads(lines[0])
+
+
+def test_checkpoint_round_trip_and_no_pickle(tiny_dataset, tmp_path):
+    _, ds = tiny_dataset
+    cfg = tiny_config("din", "train.max_epochs=1")
+    tr = Trainer(cfg, ds, tmp_path / "r")
+    tr.fit()
+    m1 = evaluate(tr.model, ds, "test", 4096, resolve_device("cpu"))
+    model, cfg2, fmap = ckpt.load_model(tmp_path / "r")
+    m2 = evaluate(model, ds, "test", 4096, resolve_device("cpu"))
+    assert m1 == m2 and cfg2.to_dict() == cfg.to_dict()
+    files = sorted(p.name for p in (tmp_path / "r").iterdir())
+    assert all(not f.endswith((".pt", ".pkl", ".bin")) for f in files), files
+
+
+def test_existing_run_needs_resume(tiny_dataset, tmp_path):
+    _, ds = tiny_dataset
+    cfg = tiny_config("dnn", "train.max_epochs=1")
+    Trainer(cfg, ds, tmp_path / "r").fit()
+    with pytest.raises(FileExistsError, match="--resume"):
+        Trainer(cfg, ds, tmp_path / "r")
+
+
+def test_unknown_set_key_is_an_error():
+    with pytest.raises(ConfigError, match="unknown key 'model.layerz'.*valid keys"):
+        build_config("dnn", overrides=["model.layerz=3"])
+    with pytest.raises(ConfigError, match="train.lr: expected a number"):
+        build_config("dnn", overrides=["train.lr=fast"])
+    with pytest.raises(ValueError, match="unknown model 'nope'"):
+        build_config("nope")
+
+
+def test_sigkill_then_resume_matches_uninterrupted(tiny_data, tmp_path):
+    args = ["train", "--data", str(tiny_data), "--model", "dnn", *sum((["--set", s] for s in SMALL), []),
+            "--set", "train.max_epochs=4", "--set", "train.patience=10"]
+    full = _cli(*args, "--out", str(tmp_path / "full"))
+    assert full.returncode == 0, full.stderr
+    run = tmp_path / "killed"
+    e = dict(os.environ, OMP_NUM_THREADS="1")
+    p = subprocess.Popen([sys.executable, "-m", "qdrank.cli", *args, "--out", str(run)], env=e,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = run / ckpt.STATE_DIR / ckpt.STATE_JSON
+    deadline = time.time() + 300
+    while not state.exists() and time.time() < deadline and p.poll() is None:
+        time.sleep(0.01)
+    assert p.poll() is None, "training finished before it could be killed"
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    killed_after = json.loads(state.read_text())["epoch"]
+    assert killed_after < 3
+    assert not (run / "result.json").exists()
+    resumed = _cli(*args, "--out", str(run), "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming after epoch" in resumed.stderr
+    a = json.loads((tmp_path / "full" / "result.json").read_text())
+    b = json.loads((run / "result.json").read_text())
+    assert a["test"] == b["test"] and a["best_epoch"] == b["best_epoch"]
+
+
+def test_two_process_torchrun(tiny_data, tmp_path):
+    torchrun = Path(sys.executable).parent / "torchrun"
+    out = tmp_path / "ddp"
+    cmd = [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "qdrank.cli", "train", "--data",
+           str(tiny_data), "--model", "din", "--out", str(out), *sum((["--set", s] for s in SMALL), []),
+           "--set", "train.max_epochs=2"]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("test CTR AUC") == 1  # printed once, by rank 0
+    res = json.loads((out / "result.json").read_text())
+    assert res["test"]["ctr_n"] > 0
+    lines = [json.loads(x) for x in (out / ckpt.METRICS).read_text().splitlines()]
+    assert len(lines) == 2  # metrics written once per epoch, not once per rank
+    model, _, _ = ckpt.load_model(out)  # the checkpoint written by rank 0 loads
+    assert model.n_parameters() > 0
+
+
+def test_cli_prepare_train_evaluate(tmp_path):
+    d = tmp_path / "syn"
+    r = _cli("data", "prepare", "synthetic", "--scale", "tiny", "--out", str(d), "--seed", "1")
+    assert r.returncode == 0, r.stderr
+    r = _cli("data", "inspect", str(d))
+    assert r.returncode == 0 and "requests" in r.stdout and "split train" in r.stdout
+    r = _cli("train", "--data", str(d), "--model", "dnn", "--out", str(tmp_path / "run"),
+             *sum((["--set", s] for s in SMALL), []), "--set", "train.max_epochs=1")
+    assert r.returncode == 0, r.stderr
+    r = _cli("evaluate", str(tmp_path / "run"), "--split", "test")
+    assert r.returncode == 0, r.stderr
+    assert "ctr_auc" in r.stdout and (tmp_path / "run" / "eval_test" / "evaluation.json").exists()
+    r = _cli("data", "validate", str(tmp_path / "missing"))
+    assert r.returncode == 2 and "does not exist" in r.stderr
