@@ -11,12 +11,11 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import tiny_config
 
 from qdrank.config import ConfigError, build_config
 from qdrank.training import checkpoint as ckpt
 from qdrank.training.trainer import Trainer, evaluate, resolve_device
-
-from conftest import tiny_config
 
 SMALL = ["data.max_history=20", "data.query_buckets=2000", "model.dim=16", "train.batch_size=512",
          "train.progress=false"]

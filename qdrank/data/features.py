@@ -145,7 +145,7 @@ class FeatureMap:
         """Values -> global ids; unseen values -> the feature's OOV id; nulls -> 0."""
         index = pd.Index(f.vocab)
         keys = values.astype(object).where(values.notna(), None)
-        strs = keys.map(lambda v: None if v is None else _key(v))
+        strs = keys.map(lambda v: None if v is None else canonical_key(v))
         local = index.get_indexer(strs.fillna("\x00__null__"))
         ids = np.where(local >= 0, f.offset + 1 + local, f.offset)  # offset itself = OOV
         ids[strs.isna().to_numpy()] = 0
@@ -175,7 +175,7 @@ class FeatureMap:
         return "\n".join(lines)
 
 
-def _key(v) -> str:
+def canonical_key(v) -> str:
     """Canonical string key of a categorical value (1 and 1.0 and '1' are the same value)."""
     if isinstance(v, float) and v.is_integer():
         return str(int(v))
@@ -203,7 +203,7 @@ def build_vocab(values: pd.Series, min_count: int, is_list: bool) -> list[str]:
         values = values.dropna()
     if len(values) == 0:
         return []
-    counts = values.map(_key).value_counts(sort=False)
+    counts = values.map(canonical_key).value_counts(sort=False)
     kept = counts[counts >= min_count].index.tolist()
     return sorted(kept)
 

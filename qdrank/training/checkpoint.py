@@ -12,6 +12,7 @@ Layout of a run directory::
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -61,10 +62,18 @@ def read_run_config(run_dir: Path) -> RunConfig:
     return from_dict(d["model_name"], {k: d[k] for k in ("data", "train", "model")})
 
 
-def load_model(run_dir: Path, weights: str = WEIGHTS, map_location: str | torch.device = "cpu"):
-    """-> (model, RunConfig, FeatureMap). Weights are read with safetensors: no code runs."""
+def load_model(run_dir: Path, weights: str = WEIGHTS, map_location: str | torch.device = "cpu",
+               model_overrides: dict | None = None):
+    """-> (model, RunConfig, FeatureMap). Weights are read with safetensors: no code runs.
+
+    ``model_overrides`` changes inference-only model keys (e.g. ``{"denoise_steps": 1}``) before the
+    model is built; keys the model does not have are ignored.
+    """
     run_dir = Path(run_dir)
     cfg = read_run_config(run_dir)
+    if model_overrides:
+        known = {k: v for k, v in model_overrides.items() if hasattr(cfg.model, k)}
+        cfg.model = dataclasses.replace(cfg.model, **known)
     fmap = FeatureMap.from_dict(json.loads((run_dir / FEATURE_MAP).read_text()))
     model = model_class(cfg.model_name)(fmap, cfg.model)
     wfile = run_dir / weights

@@ -8,6 +8,7 @@ identical tables; ``chunk_requests`` only changes how the tables are written, ne
 Scales (``scale=`` picks a preset from :data:`SCALES`; explicit non-default arguments win)::
 
     tiny     200 users,    400 items,  1k requests x 10 candidates  (~10k impressions, for tests)
+    demo     2k users,     3k items,  10k requests x 20             (~200k impressions, `qdrank demo`)
     small    2k users,     3k items,  20k requests x 20             (~400k impressions, the default)
     medium   20k users,   20k items,  50k requests x 20             (~1M impressions)
     large    200k users, 100k items, 500k requests x 20             (~10M impressions)
@@ -36,8 +37,8 @@ Hidden preferences:
 * a primary device (mobile .5, desktop .2, app .3) used for 70% of requests, and an activity level
   ``lognormal(0, .8)`` that sets how many requests the user makes.
 
-The profile therefore changes *which item attributes matter*: price mismatch costs a young tier-3
-user 3x what it costs a 45-54 tier-1 user, and brand matters 3x more for F than for M.
+The profile therefore changes *which item attributes matter*: price mismatch costs an 18-24 tier-3
+user 4x what it costs a 45-54 tier-1 user, and brand matters 3x more for F than for M.
 
 **Requests.** Request timestamps are spread over the 30 days after ``T0 = 1_700_000_000`` (with a
 day/night cycle; request ids increase with time), each with a user drawn by activity, so a user's
@@ -47,16 +48,18 @@ outside the user's favourites. The query is a string of 1-2 words of that catego
 (sometimes the category name) plus, 25% of the time, a generic word ("new", "sale", ...). Context:
 ``device`` (primary device with probability .7, else uniform) and ``hour`` (0-23, from the timestamp).
 
-**Candidates.** ``round(.75 K)`` distinct items of the query category (drawn by popularity) and the
+**Candidates.** ``round(.7 K)`` distinct items of the query category (drawn by popularity) and the
 rest from the whole catalogue by popularity (retrieval noise). 30% of shown items carry a discount
 ``d ~ U(.05, .4)``; ``price = base_price * (1 - d)``. A simulated production ranker orders them by
-``2*match + .5*interest + .3*q + .3*pz + Gumbel`` (``match = [item category == query category]``),
-which gives the 0-based ``position``.
+``match + .5*interest + .3*q + .3*pz + Gumbel`` (``match = [item category == query category]``),
+which gives the 0-based ``position``. An item's title has two distinct words of its category's
+vocabulary; ``overlap`` (0-2) counts the query's vocabulary words found in the title of a matching item.
 
 **Click.** ``true_ctr = sigmoid(z) / (1 + kappa_dev * position)`` and ``click ~ Bernoulli(true_ctr)``, with
 ``kappa = .22`` mobile, ``.12`` desktop, ``.16`` app, and::
 
-    z = -3.0 + 2.2 * m_dev * match + 1.6 * interest(category) + beta_u * b_dev * [brand is a favourite]
+    z = -3.7 + m_dev * (2.5 * match + .8 * overlap) + 1.6 * interest(category)
+        + beta_u * b_dev * [brand is a favourite]
         - .7 * gamma_u * g_dev * |price_level - p_u| + 2.0 * gamma_u * d + .35 * q + .25 * pz
         + .25 * [19 <= hour <= 23] + eps,       eps ~ N(0, .3) per impression (unobservable)
 
@@ -67,10 +70,10 @@ user's past purchases, also of unrelated categories.
 **Purchase.** Only after a click: ``true_cvr = P(purchase | click) = sigmoid(v)``,
 ``purchase = click * Bernoulli(true_cvr)`` with::
 
-    v = -1.2 + .9 * q + .8 * [brand is a favourite] + .5 * match
+    v = -2.0 + .9 * q + .8 * [brand is a favourite] + .5 * match
         - 1.2 * gamma_u * max(price_level - p_u, 0) - .3 * max(p_u - price_level, 0) + 2.5 * d
 
-**Behaviours.** Before ``T0`` each user has about ``history_per_user`` behaviours (Poisson with a
+**Behaviours.** Before ``T0`` each user has about ``history_per_user`` behaviours (Poisson with a mean-1
 Gamma(4) multiplier, at least 1), spread over the 60 days before ``T0``. Each comes from a past search:
 an intent category (a favourite with probability .7, else by popularity), 5 items of that category
 (by popularity) and that search's query. With probability .4 it is an ``impression`` of the first of
@@ -81,8 +84,10 @@ each clicked item as ``click``, each purchased item as ``purchase``, and unclick
 0-1 as ``impression`` with probability .3. The loader's strict-earlier rule must exclude them from
 that request's own history; later requests of the same user do see them.
 
-With the defaults the click rate is ~10%, purchase-given-click ~20%, and the oracle AUC of
-``true_ctr`` is ~0.8: a query-only model and a model without the user/history are both clearly worse.
+With the defaults the click rate is ~11.5%, purchase-given-click ~24%, and the oracle AUC of
+``true_ctr`` is ~0.84. Gradient-boosted trees on hand-made features (test AUC, seed 0) reach ~0.77
+without user/history features, ~0.75 without the query (but with position), ~0.79 with history
+features (past price level, category and brand shares) and ~0.81 adding the profile and device.
 """
 
 from __future__ import annotations
@@ -113,6 +118,7 @@ DEFAULTS: dict[str, int] = dict(n_users=2000, n_items=3000, n_categories=20, n_r
 SCALES: dict[str, dict[str, int]] = {
     "tiny": dict(n_users=200, n_items=400, n_categories=8, n_requests=1000, candidates_per_request=10,
                  history_per_user=20),
+    "demo": dict(DEFAULTS, n_requests=10_000),
     "small": dict(DEFAULTS),
     "medium": dict(n_users=20_000, n_items=20_000, n_categories=40, n_requests=50_000,
                    candidates_per_request=20, history_per_user=50),
@@ -157,7 +163,7 @@ _G_DEV = np.array([1.3, 1.0, 1.0])  # price-mismatch weight per device
 _POPCOUNT = np.array([bin(i).count("1") for i in range(1 << VOCAB_PER_CATEGORY)], dtype=np.int64)
 _HOUR_W = np.array([0.3] * 7 + [1.0] * 12 + [1.5] * 5)  # day/night cycle of traffic
 
-CTR_BIAS = -3.5
+CTR_BIAS = -3.7
 CVR_BIAS = -2.0
 
 

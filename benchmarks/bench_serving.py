@@ -1,0 +1,200 @@
+"""In-process serving latency: p50/p99 of ``Ranker.rank`` per request.
+
+    .venv/bin/python benchmarks/bench_serving.py [--run RUN_DIR | --model din] [--quick]
+        [--history 100,1000,10000] [--candidates 100,500,2000] [--history-mode model|run]
+        [--threads 1] [--repeats 100] [--out reports/bench/serving.json]
+
+Without ``--run`` it prepares the tiny synthetic dataset and trains a short run of ``--model``
+(``--set`` passes training overrides, e.g. ``--set model.layers=4 --set model.dim=64``).
+
+Measured, per (history H, candidates N): the user has H behaviours in the SQLite store; with
+``--history-mode model`` (default) the serving ``max_history`` is H, so the model consumes H
+behaviours; with ``run`` it keeps the run's ``data.max_history`` (H only costs the store read).
+Also: single-step vs 50-step denoising (models whose config has ``denoise_steps``), and shared
+request encoding (R=1, N candidates) vs scoring every (user, candidate) pair as its own request
+(R=N requests of one candidate). Results go to JSON; nothing is asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from qdrank.data.dataset import Batch
+from qdrank.serving.ranker import Ranker, ServingConfig
+from qdrank.serving.schemas import RankRequest
+from qdrank.serving.store import HistoryStore
+from qdrank.utils.io import atomic_write_json
+
+TS = 2_000_000_000
+
+
+def train_tiny(model: str, sets: list[str], work: Path) -> Path:
+    from qdrank.config import build_config
+    from qdrank.data.dataset import SearchLogDataset
+    from qdrank.data.sources import synthetic
+    from qdrank.training.trainer import Trainer
+
+    data, run = work / "data", work / "run"
+    synthetic.prepare(None, data, seed=0, scale="tiny")
+    cfg = build_config(model, overrides=["train.max_epochs=1", "train.max_steps_per_epoch=3",
+                                         "train.progress=false", *sets])
+    ds = SearchLogDataset(data, cfg.data, log=lambda m: None)
+    Trainer(cfg, ds, run, log=lambda m: None).fit()
+    return run
+
+
+def make_request(ranker: Ranker, user: str, n_cand: int, rng: np.random.Generator) -> dict:
+    items = ranker.fmap.item_vocab
+    cands = []
+    for i in rng.integers(0, len(items), n_cand):
+        it = items[int(i)]
+        cands.append({"item_id": int(it) if it.isdigit() else it, "price": float(rng.uniform(5, 500)),
+                      "discount": 0.0})
+    return {"user_id": user, "query": "red running shoes sale", "timestamp": TS,
+            "context": {"device": "app", "hour": 21}, "candidates": cands}
+
+
+def fill_store(store: HistoryStore, ranker: Ranker, user: str, n: int, rng: np.random.Generator) -> None:
+    items = ranker.fmap.item_vocab
+    acts = ["click", "cart", "purchase", "impression"]
+    store.append({"user_id": user, "item_id": items[int(i)], "timestamp": TS - 10 * (n - k),
+                  "action": acts[k % 4], "query": f"query {k % 37}"}
+                 for k, i in enumerate(rng.integers(0, len(items), n)))
+
+
+def timed(fn, repeats: int, budget_s: float) -> dict:
+    fn()  # warm-up
+    times = []
+    t_end = time.perf_counter() + budget_s
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+        if time.perf_counter() > t_end and len(times) >= 5:
+            break
+    a = np.array(times)
+    return {"n": len(a), "p50_ms": float(np.percentile(a, 50)), "p99_ms": float(np.percentile(a, 99)),
+            "mean_ms": float(a.mean())}
+
+
+def per_pair_batch(b: Batch) -> Batch:
+    """R=N requests of one candidate each: the request side repeated for every candidate."""
+    n = b.cand_item.shape[0]
+    rep = {f.name: getattr(b, f.name) for f in dataclasses.fields(Batch)}
+    for k in ("request_id", "user_sparse", "user_dense", "ctx_sparse", "ctx_dense", "query", "hist_item",
+              "hist_sparse", "hist_dense", "hist_query", "hist_time", "hist_len"):
+        rep[k] = rep[k].expand(n, *rep[k].shape[1:]).contiguous()
+    rep["cand_req"] = torch.arange(n)
+    return Batch(**rep)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run")
+    p.add_argument("--model", default="din")
+    p.add_argument("--set", action="append", default=[])
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--history", help="comma list (default 100,1000,10000; quick 100,1000)")
+    p.add_argument("--candidates", help="comma list (default 100,500,2000; quick 100,500)")
+    p.add_argument("--history-mode", choices=["model", "run"], default="model")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=0, help="default 200 (quick 30)")
+    p.add_argument("--budget", type=float, default=20.0, help="seconds per configuration at most")
+    p.add_argument("--max-pairs", type=float, default=2e6, help="skip N*H above this (memory guard)")
+    p.add_argument("--out", default="reports/bench/serving.json")
+    a = p.parse_args(argv)
+
+    hs = [int(x) for x in (a.history or ("100,1000" if a.quick else "100,1000,10000")).split(",")]
+    ns = [int(x) for x in (a.candidates or ("100,500" if a.quick else "100,500,2000")).split(",")]
+    repeats = a.repeats or (30 if a.quick else 200)
+    tmp = tempfile.TemporaryDirectory()
+    run = Path(a.run) if a.run else train_tiny(a.model, a.set, Path(tmp.name))
+    rng = np.random.default_rng(0)
+    store = HistoryStore(None)
+    base = Ranker.load(run, store=store, num_threads=a.threads)
+    torch.set_num_threads(a.threads)
+    out: dict = {"model": base.cfg.model_name, "run": str(run), "model_config": dataclasses.asdict(base.cfg.model),
+                 "run_max_history": base.cfg.data.max_history, "history_mode": a.history_mode,
+                 "threads": a.threads, "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
+                                                   "python": sys.version.split()[0], "torch": torch.__version__},
+                 "latency": [], "denoise": None, "shared_encoding": None}
+    print(f"model {out['model']} ({sum(p.numel() for p in base.model.parameters()):,} parameters), "
+          f"threads {a.threads}, history mode {a.history_mode}")
+
+    def ranker_for(h: int, **extra) -> Ranker:
+        over = dict(num_threads=a.threads, max_history=h if a.history_mode == "model" else 0, **extra)
+        if not extra and over["max_history"] in (0, base.encoder.L):
+            return base
+        m, cfg, fmap = base.model, base.cfg, base.fmap
+        if "denoise_steps" in extra:
+            from qdrank.serving.ranker import load_for_serving
+
+            m, cfg, fmap = load_for_serving(run, extra["denoise_steps"])
+        return Ranker(m, cfg, fmap, ServingConfig.build(**over), store)
+
+    for h in hs:
+        user = f"bench-user-{h}"
+        fill_store(store, base, user, h, rng)
+        r = ranker_for(h)
+        for n in ns:
+            row = {"history": h, "candidates": n, "history_used": min(h, r.encoder.L)}
+            if n * row["history_used"] > a.max_pairs:
+                row["skipped"] = f"N*H = {n * row['history_used']:,} > --max-pairs"
+                out["latency"].append(row)
+                print(row)
+                continue
+            req = make_request(base, user, n, rng)
+            try:
+                row["rank_dict"] = timed(lambda: r.rank(req), repeats, a.budget)       # noqa: B023
+                parsed = RankRequest.model_validate(req)
+                enc = r.encode(parsed)
+                row["validate"] = timed(lambda: RankRequest.model_validate(req), repeats, a.budget / 4)  # noqa: B023
+                row["encode"] = timed(lambda: r.encode(parsed), repeats, a.budget / 4)  # noqa: B023
+                row["model"] = timed(lambda: r.logits(enc.batch), repeats, a.budget / 2)  # noqa: B023
+            except (RuntimeError, MemoryError, IndexError) as e:
+                row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+            out["latency"].append(row)
+            print({k: (v if not isinstance(v, dict) else f"p50 {v['p50_ms']:.2f} p99 {v['p99_ms']:.2f} ms")
+                   for k, v in row.items()})
+
+    # shared request encoding vs one request per (user, candidate) pair
+    h, n = min(100, max(hs)), 500
+    r = ranker_for(h)
+    user = f"bench-user-{h}"
+    enc = r.encode(make_request(base, user, n, rng))
+    pairs = per_pair_batch(enc.batch)
+    shared = timed(lambda: r.logits(enc.batch), repeats, a.budget)
+    sep = timed(lambda: r.logits(pairs), max(5, repeats // 5), a.budget)
+    c1, _ = r.logits(enc.batch)
+    c2, _ = r.logits(pairs)
+    out["shared_encoding"] = {"history": h, "candidates": n, "shared": shared, "per_pair": sep,
+                              "speedup_p50": sep["p50_ms"] / shared["p50_ms"],
+                              "max_abs_diff": float((c1 - c2).abs().max())}
+    print(f"shared encoding: {shared['p50_ms']:.2f} ms vs per pair {sep['p50_ms']:.2f} ms "
+          f"(x{out['shared_encoding']['speedup_p50']:.1f})")
+
+    if hasattr(base.cfg.model, "denoise_steps"):
+        res = {}
+        req = make_request(base, user, n, rng)
+        for steps in (1, 50):
+            rs = ranker_for(h, denoise_steps=steps)
+            res[f"steps_{steps}"] = timed(lambda: rs.rank(req), repeats, a.budget)  # noqa: B023
+        out["denoise"] = {"history": h, "candidates": n, **res}
+        print("denoise:", {k: f"p50 {v['p50_ms']:.2f} p99 {v['p99_ms']:.2f}" for k, v in res.items()})
+    atomic_write_json(Path(a.out), out)
+    print(f"wrote {a.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

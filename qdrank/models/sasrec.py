@@ -1,0 +1,79 @@
+"""SASRec (Kang & McAuley, ICDM 2018): causal self-attention over the behaviour sequence.
+
+The behaviour tokens (item + side info + action + behaviour query + time gap, see
+:meth:`FeatureEmbedder.history`) get a learned position embedding and pass through ``layers``
+pre-LN causal self-attention blocks. The output at the last valid position (index
+``hist_len - 1``) is the user state; an empty history gives a zero state.
+
+Positions: SASRec left-pads every sequence to a fixed length so the most recent behaviour always
+sits at the same (last) position. Our histories are left-aligned with variable length, so the
+position id is counted back from the most recent behaviour (0 = most recent), which gives the
+same meaning; behaviours older than ``max_len`` share the last position embedding.
+
+Ranking head (target-aware, as in search ranking): [user state, query, profile] per request,
+[candidate, candidate * user state] per candidate.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from qdrank.config import ModelConfig
+from qdrank.data.dataset import Batch
+from qdrank.data.features import FeatureMap
+from qdrank.models.base import RankModel, RequestState
+from qdrank.models.transformer import TransformerBlock, causal_mask
+
+
+@dataclass
+class SASRecConfig(ModelConfig):
+    layers: int = 2
+    heads: int = 2
+    max_len: int = 200          # distinct position embeddings (counted back from the latest behaviour)
+
+
+class SASRec(RankModel):
+    config_class = SASRecConfig
+
+    def __init__(self, fmap: FeatureMap, cfg: SASRecConfig):
+        super().__init__(fmap, cfg)
+        d = cfg.dim
+        self.max_len = cfg.max_len
+        self.pos = nn.Embedding(cfg.max_len, d)
+        nn.init.normal_(self.pos.weight, std=0.02)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(TransformerBlock(d, cfg.heads, cfg.dropout) for _ in range(cfg.layers))
+        self.ln = nn.LayerNorm(d)
+        self.build_head(n_request_vectors=2, n_candidate_vectors=2)
+
+    def user_state(self, batch: Batch) -> torch.Tensor:
+        """[R, d]: the sequence output at the last valid position (zero for an empty history)."""
+        valid = batch.hist_mask
+        L = valid.shape[1]
+        length = batch.hist_len.clamp(0, L)
+        if L == 0:
+            return self.pos.weight.new_zeros(valid.shape[0], self.cfg.dim)
+        ar = torch.arange(L, device=valid.device)
+        pos = (length.unsqueeze(1) - 1 - ar).clamp(0, self.max_len - 1)
+        m = valid.unsqueeze(-1).to(self.pos.weight.dtype)
+        x = self.drop((self.emb.history(batch) + self.pos(pos)) * m)
+        mask = causal_mask(valid)
+        for blk in self.blocks:
+            x = blk(x, mask) * m
+        x = self.ln(x)
+        last = (length - 1).clamp_min(0)
+        state = x[torch.arange(x.shape[0], device=x.device), last]
+        return state * (length > 0).unsqueeze(-1).to(state.dtype)
+
+    def encode_request(self, batch: Batch) -> RequestState:
+        u = self.user_state(batch)
+        q = self.emb.query(batch)
+        return {"req": torch.cat([u, q, self.profile(batch)], -1), "user": u}
+
+    def score(self, state: RequestState, batch: Batch):
+        c = self.emb.candidate(batch)
+        x = self.head_input(batch, [state["req"]], [c, c * state["user"][batch.cand_req]])
+        return self.head(x)

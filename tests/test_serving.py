@@ -1,0 +1,293 @@
+"""Serving: request encoding, ranking, history rule, store, limits, export parity."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import tiny_config
+
+from qdrank.serving.ranker import Ranker, RequestEncoder, RequestError, ServingConfig, encode_request
+from qdrank.serving.schemas import RankRequest
+from qdrank.serving.store import HistoryStore
+
+
+def build_run(base: Path, data: Path) -> Path:
+    """Train a tiny DIN run once per session (shared by test_serving*.py through the temp dir)."""
+    from qdrank.data.dataset import SearchLogDataset
+    from qdrank.training.trainer import Trainer
+
+    run = base / "serving_run"
+    if not (run / "model.safetensors").exists():
+        cfg = tiny_config("din", "train.max_epochs=1")
+        ds = SearchLogDataset(data, cfg.data, log=lambda m: None)
+        Trainer(cfg, ds, run, log=lambda m: None).fit()
+    return run
+
+
+def build_store(base: Path, data: Path) -> Path:
+    f = base / "serving_store.sqlite"
+    if not f.exists():
+        with HistoryStore(f) as st:
+            st.load_dataset(data)
+    return f
+
+
+def request_body(data: Path, row: int, extra_items: tuple = ()) -> dict:
+    """Request ``row`` of requests.parquet (sorted by request id) as a serving request."""
+    req = pd.read_parquet(data / "requests.parquet").sort_values("request_id").iloc[row]
+    imp = pd.read_parquet(data / "impressions.parquet")
+    imp = imp[imp["request_id"] == req["request_id"]]
+    return {"user_id": int(req["user_id"]), "query": str(req["query"]), "timestamp": int(req["timestamp"]),
+            "context": {"device": str(req["device"]), "hour": int(req["hour"])},
+            "candidates": [{"item_id": int(i), "price": float(p), "discount": float(d)}
+                           for i, p, d in zip(imp["item_id"], imp["price"], imp["discount"])]
+            + [{"item_id": x} for x in extra_items]}
+
+
+@pytest.fixture(scope="session")
+def run_dir(tmp_path_factory, tiny_data) -> Path:
+    return build_run(tmp_path_factory.getbasetemp(), tiny_data)
+
+
+@pytest.fixture(scope="session")
+def store_file(tmp_path_factory, tiny_data) -> Path:
+    return build_store(tmp_path_factory.getbasetemp(), tiny_data)
+
+
+@pytest.fixture(scope="session")
+def ranker(run_dir, store_file) -> Ranker:
+    return Ranker.load(run_dir, store=store_file)
+
+
+def scores_by_item(resp) -> dict:
+    return {c.item_id: c.score for c in resp.candidates}
+
+
+# ---- ranking --------------------------------------------------------------------------------------
+def test_rank_returns_all_candidates_sorted(ranker, tiny_data):
+    body = request_body(tiny_data, 700, extra_items=(10**9, "no-such-item"))
+    resp = ranker.rank(body)
+    assert sorted(map(str, (c.item_id for c in resp.candidates))) == sorted(str(c["item_id"]) for c in body["candidates"])
+    s = [c.score for c in resp.candidates]
+    assert s == sorted(s, reverse=True)
+    assert resp.formula == "ctr_cvr" and ranker.fmap.has_purchase
+    for c in resp.candidates:
+        assert 0 < c.ctr < 1 and 0 < c.cvr < 1
+        assert c.score == pytest.approx(c.ctr * c.cvr)
+    assert resp.unknown_items == 2
+    assert {c.item_id for c in resp.candidates if not c.known} == {10**9, "no-such-item"}
+    assert resp.unknown_user is False and resp.history_source == "store" and resp.history_used > 0
+
+
+def test_rank_is_deterministic(ranker, tiny_data):
+    body = request_body(tiny_data, 650)
+    a, b = ranker.rank(body), ranker.rank(RankRequest.model_validate(body))
+    assert [(c.item_id, c.score) for c in a.candidates] == [(c.item_id, c.score) for c in b.candidates]
+
+
+def test_unknown_user_counted(ranker, tiny_data):
+    body = request_body(tiny_data, 650)
+    body["user_id"] = "never-seen-user"
+    resp = ranker.rank(body)
+    assert resp.unknown_user is True and resp.unknown_users == 1
+    assert resp.history_used == 0  # the store has no behaviours of that user
+
+
+def test_serving_matches_training_batches(ranker, tiny_data):
+    """The served logits of logged requests equal the model's on the training loader's batch."""
+    from qdrank.data.dataset import SearchLogDataset
+
+    ds = SearchLogDataset(tiny_data, ranker.cfg.data, fmap=ranker.fmap, log=lambda m: None)
+    order = pd.read_parquet(tiny_data / "requests.parquet").sort_values("request_id")["request_id"].to_numpy()
+    checked = 0
+    for row in (600, 800, 950):
+        rid = order[row]
+        ds_row = int(np.flatnonzero(ds.request_id == rid)[0])
+        enc = ranker.encode(request_body(tiny_data, row))
+        b = ds.make_batch(np.array([ds_row]))
+        assert int(enc.batch.hist_len[0]) == int(b.hist_len[0])
+        with torch.inference_mode():
+            ref = ranker.model(b, use_position=False)
+        ctr, cvr = ranker.logits(enc.batch)
+        assert torch.equal(enc.batch.cand_item, b.cand_item)
+        assert torch.allclose(ctr, ref.ctr_logit, atol=1e-5) and torch.allclose(cvr, ref.cvr_logit, atol=1e-5)
+        checked += int(b.hist_len[0] > 0)
+    assert checked > 0
+
+
+def test_inline_history_equals_store_history(ranker, tiny_data):
+    body = request_body(tiny_data, 900)
+    from_store = ranker.rank(body)
+    hist = ranker.store.history(body["user_id"], body["timestamp"], 10**6)
+    assert len(hist) > 0
+    inline = ranker.rank({**body, "history": hist})
+    assert inline.history_source == "inline" and inline.history_used == from_store.history_used
+    assert scores_by_item(inline) == scores_by_item(from_store)
+
+
+def test_history_rule(ranker, tiny_data):
+    body = request_body(tiny_data, 900)
+    ts = body["timestamp"]
+    hist = ranker.store.history(body["user_id"], ts, 10**6)
+    base = ranker.rank({**body, "history": hist})
+    item = hist[0]["item_id"]
+    same_second = {"item_id": item, "timestamp": ts, "action": "purchase", "query": "x"}
+    later = {"item_id": item, "timestamp": ts + 100, "action": "purchase", "query": "x"}
+    r = ranker.rank({**body, "history": [*hist, same_second, later]})
+    assert r.history_used == base.history_used
+    assert scores_by_item(r) == scores_by_item(base)
+    earlier = {"item_id": item, "timestamp": ts - 1, "action": "purchase", "query": "x"}
+    r2 = ranker.rank({**body, "history": [*hist, earlier]})
+    assert r2.history_used == min(base.history_used + 1, ranker.encoder.L)
+    assert scores_by_item(r2) != scores_by_item(base)
+
+
+def test_history_keeps_most_recent_max_history(ranker, tiny_data):
+    body = request_body(tiny_data, 900)
+    ts, L = body["timestamp"], ranker.encoder.L
+    recent = [{"item_id": int(ranker.fmap.item_vocab[i]), "timestamp": ts - 1000 + i, "action": "click"}
+              for i in range(L)]
+    old_a = [{"item_id": int(ranker.fmap.item_vocab[50 + i]), "timestamp": ts - 10**6 + i, "action": "purchase"}
+             for i in range(7)]
+    old_b = [{**e, "item_id": int(ranker.fmap.item_vocab[90])} for e in old_a]
+    a = ranker.rank({**body, "history": old_a + recent[::-1]})  # unordered input is sorted by time
+    b = ranker.rank({**body, "history": recent + old_b})
+    assert a.history_used == L
+    assert scores_by_item(a) == scores_by_item(b)
+
+
+def test_score_formula_options(ranker, tiny_data):
+    body = request_body(tiny_data, 700)
+    base = {c.item_id: c for c in ranker.rank(body).candidates}
+    r = Ranker(ranker.model, ranker.cfg, ranker.fmap, ServingConfig.build(alpha=0.5), ranker.store)
+    for c in r.rank(body).candidates:
+        assert c.score == pytest.approx(base[c.item_id].ctr * base[c.item_id].cvr ** 0.5)
+    r = Ranker(ranker.model, ranker.cfg, ranker.fmap, ServingConfig.build(formula="ctr"), ranker.store)
+    resp = r.rank(body)
+    assert resp.formula == "ctr" and all(c.score == c.ctr for c in resp.candidates)
+    with pytest.raises(ValueError, match="formula"):
+        ServingConfig.build(formula="ctr*cvr")
+    with pytest.raises(ValueError, match="unknown serving option"):
+        ServingConfig.build(max_candidate=5)
+
+
+# ---- encoding ----------------------------------------------------------------------------------------
+def test_fast_encoder_matches_feature_map(ranker):
+    fmap = ranker.fmap
+    enc = RequestEncoder(fmap, ranker.cfg.data)
+    rows = [{"device": "app", "hour": 3, "price": 12.5, "discount": 0.1},
+            {"device": "toaster", "hour": 3.0, "price": None, "discount": "0.25"},
+            {"device": None, "hour": "23", "price": 1e9},
+            {}]
+    for role in ("context", "candidate"):
+        sp, de = enc.role_rows(role, rows, ("body",))
+        df = pd.DataFrame(rows)
+        np.testing.assert_array_equal(sp, fmap.encode_sparse(role, df))
+        np.testing.assert_allclose(de, fmap.encode_numeric(role, df), rtol=1e-6)
+    ctx, _ = enc.role_rows("context", rows, ("body",))
+    dev = fmap.features["device"]
+    col = [f.name for f in fmap.role_features("context", sparse=True)].index("device")
+    assert ctx[1, col] == dev.offset and ctx[2, col] == 0  # OOV id, missing id
+    np.testing.assert_array_equal(enc.text("Red running shoes", 16), fmap.encode_text(["Red running shoes"], 16)[0])
+
+
+def test_encode_request_function(ranker, tiny_data, store_file):
+    body = request_body(tiny_data, 700, extra_items=("zzz",))
+    with HistoryStore(store_file) as st:
+        batch, n_unknown, unknown_user = encode_request(ranker.fmap, ranker.cfg.data, body, st)
+    assert batch.n_requests == 1 and batch.cand_item.shape[0] == len(body["candidates"])
+    assert n_unknown == 1 and unknown_user is False
+    assert int(batch.hist_len[0]) > 0 and batch.hist_item.shape == (1, ranker.cfg.data.max_history)
+
+
+def test_bad_feature_values_name_the_field(ranker, tiny_data):
+    body = request_body(tiny_data, 700)
+    body["candidates"][2]["price"] = "cheap"
+    with pytest.raises(RequestError) as e:
+        ranker.rank(body)
+    assert e.value.loc == ("body", "candidates", 2, "price") and e.value.status == 422
+    body = request_body(tiny_data, 700)
+    body["context"]["device"] = ["app", "web"]
+    with pytest.raises(RequestError) as e:
+        ranker.rank(body)
+    assert e.value.loc == ("body", "context", "device")
+
+
+def test_schema_rejects_nan_and_empty(tiny_data):
+    from pydantic import ValidationError
+
+    body = request_body(tiny_data, 700)
+    for bad in ({"context": {"hour": math.nan}}, {"candidates": []}, {"timestamp": math.inf},
+                {"candidates": [{"item_id": 1, "price": math.inf}]}, {"query": "x" * 100_000},
+                {"user_id": {"a": 1}}):
+        with pytest.raises(ValidationError) as e:
+            RankRequest.model_validate({**body, **bad})
+        assert list(bad)[0] in str(e.value)
+
+
+def test_limits_are_413(ranker, tiny_data):
+    body = request_body(tiny_data, 700)
+    r = Ranker(ranker.model, ranker.cfg, ranker.fmap, ServingConfig.build(max_candidates=5,
+                                                                          max_history_inline=3), ranker.store)
+    with pytest.raises(RequestError) as e:
+        r.rank(body)
+    assert e.value.status == 413 and e.value.loc == ("body", "candidates")
+    small = {**body, "candidates": body["candidates"][:5],
+             "history": [{"item_id": 1, "timestamp": 1, "action": "click"}] * 4}
+    with pytest.raises(RequestError) as e:
+        r.rank(small)
+    assert e.value.status == 413 and e.value.loc == ("body", "history")
+    assert len(r.rank({**small, "history": small["history"][:3]}).candidates) == 5
+
+
+# ---- store --------------------------------------------------------------------------------------------
+def test_store_load_cli_and_append(tmp_path, tiny_data):
+    from qdrank.cli import main
+
+    f = tmp_path / "s.sqlite"
+    assert main(["store", "load", "--data", str(tiny_data), "--store", str(f)]) == 0
+    beh = pd.read_parquet(tiny_data / "behaviors.parquet")
+    with HistoryStore(f) as st:
+        assert st.counts() == {"behaviors": len(beh), "users": len(pd.read_parquet(tiny_data / "users.parquet"))}
+        u = int(beh["user_id"].iloc[0])
+        mine = beh[beh["user_id"] == u].sort_values("timestamp", kind="stable")
+        t = int(mine["timestamp"].iloc[-1])
+        h = st.history(u, t, 3)
+        exp = mine[mine["timestamp"] < t].tail(3)
+        assert [x["timestamp"] for x in h] == exp["timestamp"].tolist()
+        assert [x["item_id"] for x in h] == exp["item_id"].astype(str).tolist()
+        assert st.profile(u) is not None and st.profile("nobody") is None
+        st.append([{"user_id": u, "item_id": 5, "timestamp": t - 1, "action": "cart", "colour": "red"}])
+        h2 = st.history(str(u), t, 3)
+        assert h2[-1]["item_id"] == "5" and h2[-1]["colour"] == "red" and h2[-1]["action"] == "cart"
+
+
+# ---- export ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_export_parity(fmt, ranker, run_dir, tiny_data, tmp_path):
+    from qdrank.serving.export import batch_inputs, export_run, onnx_feed
+
+    enc = ranker.encode(request_body(tiny_data, 900))
+    assert int(enc.batch.hist_len[0]) > 0
+    out = export_run(run_dir, fmt, tmp_path / f"m.{fmt}", example=enc.batch)
+    assert out.exists() and (tmp_path / f"m.{fmt}.json").exists()
+    other = ranker.encode(request_body(tiny_data, 910, extra_items=(1, 2, 3)))  # another N
+    for b in (enc.batch, other.batch):
+        ref_ctr, ref_cvr = ranker.logits(b)
+        if fmt == "onnx":
+            import onnxruntime as ort
+
+            sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+            ctr, cvr = sess.run(None, onnx_feed(sess, b))
+        else:
+            m = torch.jit.load(str(out))
+            with torch.inference_mode():
+                ctr, cvr = (x.numpy() for x in m(*batch_inputs(b)))
+        assert ctr.shape == tuple(ref_ctr.shape)
+        assert np.abs(ctr - ref_ctr.numpy()).max() < 1e-5
+        assert np.abs(cvr - ref_cvr.numpy()).max() < 1e-5

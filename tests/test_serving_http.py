@@ -1,0 +1,207 @@
+"""The HTTP API against a real uvicorn server on a free loopback port."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+from test_serving import build_run, build_store, request_body
+
+from qdrank.serving.http import create_app
+from qdrank.serving.ranker import Ranker
+from qdrank.serving.store import HistoryStore
+
+MAX_BODY = 4 * 2**20
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, tiny_data):
+    import uvicorn
+
+    base = tmp_path_factory.getbasetemp()
+    run = build_run(base, tiny_data)
+    store = tmp_path_factory.mktemp("http") / "store.sqlite"  # its own copy: the tests append events
+    store.write_bytes(build_store(base, tiny_data).read_bytes())
+    ranker = Ranker.load(run, store=store, max_body_bytes=MAX_BODY)
+    port = free_port()
+    srv = uvicorn.Server(uvicorn.Config(create_app(ranker), host="127.0.0.1", port=port, log_level="critical"))
+    th = threading.Thread(target=srv.run, daemon=True)
+    th.start()
+    deadline = time.time() + 30
+    while not srv.started:
+        assert th.is_alive() and time.time() < deadline, "server did not start"
+        time.sleep(0.05)
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
+        yield client, ranker
+    srv.should_exit = True
+    th.join(timeout=30)
+    assert not th.is_alive()
+
+
+def assert_alive(client):
+    r = client.get("/healthz")
+    assert r.status_code == 200 and r.json()["status"] == "ok"
+
+
+def test_health_model_openapi(server):
+    client, ranker = server
+    assert_alive(client)
+    m = client.get("/v1/model").json()
+    assert m["model"] == "din" and m["config"]["model_name"] == "din"
+    assert m["metrics"]["test"]["ctr_auc"] > 0
+    assert {f["name"] for f in m["features"]["context"]} == {"device", "hour"}
+    api = client.get("/openapi.json").json()
+    assert {"/v1/rank", "/v1/events", "/v1/model", "/healthz"} <= set(api["paths"])
+    assert "RankRequest" in api["components"]["schemas"]
+
+
+def test_rank_matches_python_api(server, tiny_data):
+    client, ranker = server
+    body = request_body(tiny_data, 700, extra_items=("nope",))
+    r = client.post("/v1/rank", json=body)
+    assert r.status_code == 200, r.text
+    d = r.json()
+    assert len(d["candidates"]) == len(body["candidates"]) and d["unknown_items"] == 1
+    s = [c["score"] for c in d["candidates"]]
+    assert s == sorted(s, reverse=True)
+    local = ranker.rank(body)
+    assert [(c["item_id"], c["score"]) for c in d["candidates"]] == [(c.item_id, c.score) for c in local.candidates]
+    body["user_id"] = "stranger"
+    d = client.post("/v1/rank", json=body).json()
+    assert d["unknown_user"] is True and d["unknown_users"] == 1
+
+
+def test_events_then_rank_sees_them(server, tiny_data):
+    client, ranker = server
+    body = request_body(tiny_data, 900)
+    ts = body["timestamp"]
+    before = client.post("/v1/rank", json=body).json()
+    same_second = {"user_id": body["user_id"], "item_id": body["candidates"][0]["item_id"], "timestamp": ts,
+                   "action": "purchase", "query": body["query"]}
+    r = client.post("/v1/events", json={"events": [same_second]})
+    assert r.status_code == 200 and r.json() == {"appended": 1}
+    unchanged = client.post("/v1/rank", json=body).json()
+    assert unchanged["candidates"] == before["candidates"]  # same-second behaviour: excluded
+    r = client.post("/v1/events", json={"events": [{**same_second, "timestamp": ts - 5}]})
+    assert r.status_code == 200
+    after = client.post("/v1/rank", json=body).json()
+    assert after["history_used"] == min(before["history_used"] + 1, ranker.encoder.L)
+    assert {c["item_id"]: c["score"] for c in after["candidates"]} != \
+        {c["item_id"]: c["score"] for c in before["candidates"]}
+    with HistoryStore(ranker.store.path) as st:  # persisted in the SQLite file
+        assert st.history(body["user_id"], ts, 1)[0]["timestamp"] == ts - 5
+
+
+def _detail_locs(r) -> list:
+    return [tuple(e["loc"]) for e in r.json()["detail"]]
+
+
+@pytest.mark.parametrize("patch,field", [
+    ({"candidates": None}, "candidates"),
+    ({"candidates": []}, "candidates"),
+    ({"user_id": {"x": 1}}, "user_id"),
+    ({"timestamp": "yesterday"}, "timestamp"),
+    ({"query": 123}, "query"),
+    ({"context": [1, 2]}, "context"),
+    ({"history": [{"item_id": 1, "timestamp": 5}]}, "action"),
+    ({"unexpected_key": 1}, "unexpected_key"),
+    ({"query": "x" * 100_000}, "query"),
+    ({"candidates": [{"item_id": "y" * 10_000}]}, "item_id"),
+])
+def test_schema_errors_are_422_naming_the_field(server, tiny_data, patch, field):
+    client, _ = server
+    body = {**request_body(tiny_data, 700), **patch}
+    body = {k: v for k, v in body.items() if v is not None}
+    r = client.post("/v1/rank", json=body)
+    assert r.status_code == 422, r.text
+    assert any(field in map(str, loc) for loc in _detail_locs(r)), r.text
+    assert len(r.content) < 10_000  # the input is not echoed back
+
+
+def test_custom_validation_is_422_naming_the_field(server, tiny_data):
+    client, _ = server
+    body = request_body(tiny_data, 700)
+    body["candidates"][3]["price"] = "cheap"
+    r = client.post("/v1/rank", json=body)
+    assert r.status_code == 422 and _detail_locs(r) == [("body", "candidates", 3, "price")]
+    body = request_body(tiny_data, 700)
+    body["context"]["hour"] = {"h": 3}
+    r = client.post("/v1/rank", json=body)
+    assert r.status_code == 422 and "context" in map(str, _detail_locs(r)[0])
+
+
+@pytest.mark.parametrize("where", ["context", "candidate", "timestamp", "history"])
+def test_nan_and_inf_are_422(server, tiny_data, where):
+    client, _ = server
+    body = request_body(tiny_data, 700)
+    if where == "context":
+        body["context"]["hour"] = float("nan")
+    elif where == "candidate":
+        body["candidates"][0]["price"] = float("inf")
+    elif where == "timestamp":
+        body["timestamp"] = float("-inf")
+    else:
+        body["history"] = [{"item_id": 1, "timestamp": float("nan"), "action": "click"}]
+    raw = json.dumps(body)  # Python writes NaN / Infinity literals, which its parser accepts
+    r = client.post("/v1/rank", content=raw, headers={"content-type": "application/json"})
+    assert r.status_code == 422, r.text
+
+
+def test_limits_are_413(server, tiny_data):
+    client, _ = server
+    body = request_body(tiny_data, 700)
+    r = client.post("/v1/rank", json={**body, "candidates": [{"item_id": i} for i in range(2001)]})
+    assert r.status_code == 413 and _detail_locs(r) == [("body", "candidates")]
+    ok = client.post("/v1/rank", json={**body, "candidates": [{"item_id": i} for i in range(2000)]})
+    assert ok.status_code == 200 and len(ok.json()["candidates"]) == 2000
+    hist = [{"item_id": 1, "timestamp": 1, "action": "click"}] * 10_001
+    r = client.post("/v1/rank", json={**body, "history": hist})
+    assert r.status_code == 413 and _detail_locs(r) == [("body", "history")]
+    r = client.post("/v1/rank", json={**body, "query": "q" * (MAX_BODY + 10)})
+    assert r.status_code == 413
+
+    def chunks():  # no Content-Length: the streamed size is counted
+        for _ in range(MAX_BODY // 2**16 + 2):
+            yield b" " * 2**16
+
+    r = client.post("/v1/rank", content=chunks(), headers={"content-type": "application/json"})
+    assert r.status_code == 413
+    assert_alive(client)
+
+
+GARBAGE = [
+    b"", b"not json", b"{", b"[]", b"null", b"42", b'"str"', b"\xff\xfe\x00garbage", b"[" * 100_000,
+    b'{"user_id": 1, "candidates": "everything"}', b'{"user_id": 1, "candidates": [null]}',
+    b'{"user_id": 1, "candidates": [{"item_id": 1e400}]}', b'{"user_id": 1e400, "candidates": [{"item_id": 1}]}',
+    b'{"user_id": 1, "timestamp": 1e30, "candidates": [{"item_id": 1}]}',
+    b'{"user_id": 1, "timestamp": 99999999999999999999999, "candidates": [{"item_id": 1}]}',
+    b'{"user_id": 1, "candidates": [{"item_id": 1, "price": [1, [2]]}]}',
+    b'{"user_id": 1, "candidates": [{"item_id": 1, "price": 1e308}]}',
+    b'{"user_id": 1, "profile": {"age_group": {"deep": {"deeper": 1}}}, "candidates": [{"item_id": 1}]}',
+    b'{"user_id": true, "candidates": [{"item_id": false}]}',
+]
+
+
+def test_garbage_never_500_and_server_survives(server):
+    client, _ = server
+    for body in GARBAGE:
+        for path in ("/v1/rank", "/v1/events"):
+            r = client.post(path, content=body, headers={"content-type": "application/json"})
+            assert r.status_code < 500, (path, body[:60], r.status_code, r.text[:300])
+    r = client.post("/v1/rank", content=b'{"user_id": 1}', headers={"content-type": "text/plain"})
+    assert r.status_code < 500
+    r = client.post("/v1/events", json={"events": [{"user_id": 1, "item_id": 2, "timestamp": "x", "action": "a"}]})
+    assert r.status_code == 422 and "timestamp" in map(str, _detail_locs(r)[0])
+    assert client.get("/nowhere").status_code == 404
+    assert client.get("/v1/rank").status_code == 405
+    assert_alive(client)
