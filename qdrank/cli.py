@@ -15,18 +15,6 @@ def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def _options(pairs: list[str]) -> dict:
-    import yaml
-
-    out = {}
-    for p in pairs or []:
-        if "=" not in p:
-            raise SystemExit(f"error: --option expects KEY=VALUE, got {p!r}")
-        k, v = p.split("=", 1)
-        out[k] = yaml.safe_load(v)
-    return out
-
-
 def _resolve_input(source: str, given: str | None) -> Path | None:
     if given:
         return Path(given)
@@ -42,9 +30,10 @@ def _resolve_input(source: str, given: str | None) -> Path | None:
 
 # ---- data ---------------------------------------------------------------------------------
 def cmd_prepare(a) -> None:
+    from qdrank.config import parse_key_values
     from qdrank.data.sources import prepare_source
 
-    opts = _options(a.option)
+    opts = parse_key_values(a.option, "--option")
     if a.scale:
         opts["scale"] = a.scale
     rep = prepare_source(a.source, _resolve_input(a.source, a.input), Path(a.out), seed=a.seed, **opts)

@@ -126,6 +126,17 @@ def parse_overrides(pairs: list[str]) -> dict:
     return out
 
 
+def parse_key_values(pairs: list[str], flag: str = "--set") -> dict:
+    """``["alpha=0.5", "formula=ctr"]`` -> ``{"alpha": 0.5, "formula": "ctr"}`` (values parsed as YAML)."""
+    out = {}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise ConfigError(f"{flag} expects KEY=VALUE, got {pair!r}")
+        key, raw = pair.split("=", 1)
+        out[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
+    return out
+
+
 def merge(base: dict, over: dict) -> dict:
     out = dict(base)
     for k, v in over.items():

@@ -11,15 +11,9 @@ def _log(msg: str) -> None:
 
 
 def _serving_overrides(pairs: list[str]) -> dict:
-    import yaml
+    from qdrank.config import parse_key_values
 
-    out = {}
-    for p in pairs or []:
-        if "=" not in p:
-            raise ValueError(f"--set expects KEY=VALUE (a serving option), got {p!r}")
-        k, v = p.split("=", 1)
-        out[k.strip()] = yaml.safe_load(v) if v.strip() else None
-    return out
+    return parse_key_values(pairs, "--set (a serving option)")
 
 
 def cmd_serve(a) -> None:

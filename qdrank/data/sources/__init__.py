@@ -7,6 +7,7 @@ imported lazily so that ``qdrank`` does not pay for (or depend on) converters it
 from __future__ import annotations
 
 import importlib
+import inspect
 from pathlib import Path
 
 from qdrank.data.schema import ValidationReport
@@ -37,4 +38,28 @@ def prepare_source(name: str, input: Path | str | None, out: Path | str, **optio
         if not input.exists():
             raise FileNotFoundError(f"{name}: input directory {input} does not exist")
     module = importlib.import_module(SOURCES[name])
+    options = _check_options(name, module.prepare, options)
     return module.prepare(None if input is None else Path(input), Path(out), **options)
+
+
+def _check_options(name: str, fn, options: dict) -> dict:
+    """Reject unknown option names and values of the wrong type before any work starts."""
+    params = {p.name: p for p in inspect.signature(fn).parameters.values()
+              if p.kind == p.KEYWORD_ONLY}
+    out = {}
+    for key, value in options.items():
+        if key not in params:
+            raise ValueError(f"{name}: unknown option {key!r}; options: {', '.join(sorted(params))}")
+        default = params[key].default
+        if isinstance(default, bool):
+            ok = isinstance(value, bool)
+        elif isinstance(default, int):
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        elif isinstance(default, float):
+            ok = isinstance(value, int | float) and not isinstance(value, bool)
+        else:
+            ok = True
+        if not ok:
+            raise ValueError(f"{name}: option {key!r} expects {type(default).__name__}, got {value!r}")
+        out[key] = value
+    return out
