@@ -1,0 +1,320 @@
+"""DiffusionGS: query-conditioned DDPM denoising of the behaviour sequence (paper sec. 4).
+
+Pipeline (per request, all inside :meth:`DiffusionGS.encode_request`)::
+
+    x0    = MLP(emb.history) + PosEmb(recency)                 eq. 1-2 (TimeEmb is in emb.history)
+    x_t   = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps              eq. 3-4
+    h     = UDL_1..UDL_L(x_t + StepEmb(t)), query injected mid   sec. 4.3-4.4
+    s, d  = static_head(h), dynamic_head(h);  x0_hat = s + d
+    req   = [masked_mean(d), query, user/context fields]
+
+Choices where the paper is ambiguous (README "DiffusionGS"):
+
+* Tokens: positive and negative engagements (every logged action) are tokens. PosEmb is learned
+  and indexed by recency (0 = most recent behaviour), capped at ``max_positions - 1``.
+* UDL (eq. 8-11): ``H = (Q K^T / n) V * U``, multi-head, no softmax, padded keys masked, n = the
+  request's true history length. ``U = SiLU(W_U g)`` with g = the gate features, broadcast over
+  positions. Gate features are the user and context fields whose names are in ``fmap.gate`` (a
+  role's dense field is included when any of its numeric features is named); if none are named, g
+  is a constant and U a learned vector. Each layer: output projection, residual, LayerNorm, FFN,
+  residual, LayerNorm (post-norm: keeps the un-normalised attention of deep stacks bounded);
+  padding rows are re-zeroed after every layer. ``attention_impl: linear`` computes
+  ``Q (K^T V) / n`` (O(n d^2)), ``quadratic`` the reference ``(Q K^T / n) V`` (O(n^2 d)); they
+  are the same function.
+* ``gate: learnt`` is HSTU's ``U = SiLU(X W_U)`` per token; ``gate: none`` is plain softmax
+  self-attention (scaled by 1/sqrt(d_head)) without a gate: softmax has no linear-time form, so
+  ``attention_impl`` does not apply there.
+* Query injection: ``add`` (paper) adds a zero-initialised projection of q to every valid token
+  between layer L//2 and L//2 + 1; ``cat`` appends q as an extra token at the input (n counts it);
+  ``cross`` turns the last layer into cross-attention with q as the single attention query and
+  the sequence as keys/values; its [R, d] output is added (residually) to every token.
+* Diffusion step embedding: sinusoidal -> MLP, added to every valid input token.
+* Prediction (eq. 13 departs): ``sigmoid(mean_t d_t)`` cannot see the candidate, so the CTR/CVR
+  head gets [mean_t d_t, candidate, candidate * mean_t d_t, query, user/context fields].
+* KL (eq. 12): ``KL(softmax((s+d)/tau) || softmax(x0/tau))`` per valid token, averaged; x0 is
+  detached in the target (a reconstruction target, so the KL cannot be lowered by collapsing the
+  input tokens; x0 is still trained through the prediction path). Training only.
+* Training draws one step t per request (uniform 1..T, torch's global RNG, which the trainer
+  seeds per epoch) and makes one denoiser call on x_t.
+* Inference is deterministic and batch-independent: x0 is noised to step T with a fixed noise
+  table indexed by (recency, dim), generated from a constant seed (``infer_noise: fixed``), or
+  with no noise at all (``infer_noise: mean``: x_T = sqrt(abar_T) x0). Then ``denoise_steps``
+  denoiser calls from T to 0 on evenly spaced steps, moving between them with DDPM posterior
+  means (strided for jumps, see :mod:`qdrank.models.diffusion`); 1 step = the paper's online mode.
+  ``model.denoise_steps`` (the attribute, initialised from the config) may be changed at run time.
+  The dynamic tokens of the last call are the interest.
+* ``noise: none`` skips diffusion: x0 goes straight through the denoiser (step 0), in training
+  and inference alike.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qdrank.config import ModelConfig
+from qdrank.data.dataset import Batch
+from qdrank.data.features import FeatureMap
+from qdrank.models.base import RankModel, RequestState
+from qdrank.models.diffusion import (
+    NOISE_PRESETS,
+    DiffusionSchedule,
+    fixed_noise,
+    timestep_embedding,
+    token_kl,
+)
+from qdrank.models.layers import masked_mean
+
+INFER_NOISE_SEED = 20250917
+ALLOWED = {
+    "injection": ("add", "cat", "cross"),
+    "gate": ("user", "learnt", "none"),
+    "noise": ("default", "none", "heavy"),
+    "attention_impl": ("linear", "quadratic"),
+    "infer_noise": ("fixed", "mean"),
+}
+
+
+@dataclass
+class DiffusionGSConfig(ModelConfig):
+    layers: int = 4                # stacked User-aware Denoising Layers (2..8, Figure 4)
+    heads: int = 2
+    injection: str = "add"         # add | cat | cross (Table 3)
+    gate: str = "user"             # user | learnt | none (Table 4)
+    noise: str = "default"         # default (50 steps, 0.005..0.01) | none | heavy (2000, ..0.1) (Table 5)
+    denoise_steps: int = 1         # reverse-chain denoiser calls at inference (1 = online mode, T = full)
+    attention_impl: str = "linear"  # linear: Q(K^T V)/n | quadratic: (QK^T/n)V
+    kl_weight: float = 0.1         # lambda of eq. 15; 0 disables the KL term
+    kl_tau: float = 1.0            # softmax temperature of P(.) in the KL
+    ffn_mult: int = 2
+    max_positions: int = 512       # recency positions with their own embedding (older share the last)
+    infer_noise: str = "fixed"     # fixed: constant-seed noise table by recency | mean: no noise at inference
+
+
+def validate_config(cfg: DiffusionGSConfig) -> None:
+    for key, allowed in ALLOWED.items():
+        v = getattr(cfg, key)
+        if v not in allowed:
+            raise ValueError(f"model.{key}={v!r} is not allowed; choose one of: {', '.join(allowed)}")
+    if not 1 <= cfg.layers <= 64:
+        raise ValueError(f"model.layers={cfg.layers} must be in 1..64 (the paper studies 2..8)")
+    if cfg.heads < 1 or cfg.dim % cfg.heads:
+        raise ValueError(f"model.heads={cfg.heads} must be >= 1 and divide model.dim={cfg.dim}")
+    if cfg.kl_weight < 0:
+        raise ValueError(f"model.kl_weight={cfg.kl_weight} must be >= 0")
+    if cfg.kl_tau <= 0:
+        raise ValueError(f"model.kl_tau={cfg.kl_tau} must be > 0")
+    if cfg.ffn_mult < 1 or cfg.max_positions < 1:
+        raise ValueError("model.ffn_mult and model.max_positions must be >= 1")
+    if cfg.noise != "none":
+        T = NOISE_PRESETS[cfg.noise][0]
+        if not 1 <= cfg.denoise_steps <= T:
+            raise ValueError(f"model.denoise_steps={cfg.denoise_steps} must be in 1..{T} for model.noise={cfg.noise}")
+    elif cfg.denoise_steps < 1:
+        raise ValueError(f"model.denoise_steps={cfg.denoise_steps} must be >= 1")
+
+
+# ---- attention ------------------------------------------------------------------------------------
+def length_normalized_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor,
+                                impl: str = "linear") -> torch.Tensor:
+    """``(Q K^T / n) V`` without softmax. q [R,H,Lq,dh], k/v [R,H,L,dh], key_mask [R,L] -> [R,H,Lq,dh].
+
+    n = number of valid keys per request (>= 1). ``linear`` evaluates ``Q (K^T V) / n`` in
+    O(L dh^2) per head; ``quadratic`` materialises the [Lq, L] score matrix.
+    """
+    m = key_mask[:, None, :, None].to(k.dtype)
+    n = key_mask.sum(1).clamp_min(1).to(k.dtype)[:, None, None, None]
+    k = k * m
+    if impl == "linear":
+        return q @ ((k.transpose(-1, -2) @ (v * m)) / n)
+    if impl == "quadratic":
+        return ((q @ k.transpose(-1, -2)) / n) @ v
+    raise ValueError(f"model.attention_impl={impl!r}; choose one of: linear, quadratic")
+
+
+def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
+    """Plain masked softmax attention (the ``gate: none`` ablation); rows with no key give 0."""
+    s = (q @ k.transpose(-1, -2)) / q.shape[-1] ** 0.5
+    s = s.masked_fill(~key_mask[:, None, None, :], float("-inf"))
+    return s.softmax(-1).nan_to_num(0.0) @ v
+
+
+class UserAwareDenoisingLayer(nn.Module):
+    """One UDL (eq. 8-11), or with ``cross=True`` its cross-attention form (one query vector)."""
+
+    def __init__(self, dim: int, heads: int, gate: str, gate_dim: int, impl: str, ffn_mult: int,
+                 dropout: float, cross: bool = False):
+        super().__init__()
+        self.heads, self.gate, self.impl, self.cross = heads, gate, impl, cross
+        self.w_q, self.w_k, self.w_v = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.w_u = nn.Linear(gate_dim if gate == "user" else dim, dim) if gate != "none" else None
+        self.out = nn.Linear(dim, dim)
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.ffn = nn.Sequential(nn.Linear(dim, ffn_mult * dim), nn.SiLU(), nn.Dropout(dropout),
+                                 nn.Linear(ffn_mult * dim, dim))
+        self.drop = nn.Dropout(dropout)
+
+    def _split(self, x: torch.Tensor) -> torch.Tensor:
+        R, L, d = x.shape
+        return x.view(R, L, self.heads, d // self.heads).transpose(1, 2)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, gate_in: torch.Tensor,
+                query: torch.Tensor | None = None) -> torch.Tensor:
+        """x [R, L, d], mask [R, L], gate_in [R, G], query [R, d] (cross only) -> [R, L, d]."""
+        src = query[:, None, :] if self.cross else x               # attention queries [R, Lq, d]
+        q, k, v = self._split(self.w_q(src)), self._split(self.w_k(x)), self._split(self.w_v(x))
+        if self.gate == "none":
+            h = softmax_attention(q, k, v, mask)
+        else:
+            h = length_normalized_attention(q, k, v, mask, self.impl)
+        h = h.transpose(1, 2).reshape(src.shape)                   # [R, Lq, d]
+        if self.gate == "user":
+            h = h * F.silu(self.w_u(gate_in))[:, None, :]
+        elif self.gate == "learnt":
+            h = h * F.silu(self.w_u(src))
+        m = mask.unsqueeze(-1).to(x.dtype)
+        x = self.norm1(x + self.drop(self.out(h)))                  # cross: [R, 1, d] broadcast
+        x = self.norm2(x + self.drop(self.ffn(x)))
+        return x * m
+
+
+# ---- model ----------------------------------------------------------------------------------------
+class DiffusionGS(RankModel):
+    config_class = DiffusionGSConfig
+
+    def __init__(self, fmap: FeatureMap, cfg: DiffusionGSConfig):
+        validate_config(cfg)
+        super().__init__(fmap, cfg)
+        d = cfg.dim
+        self.token_mlp = nn.Sequential(nn.Linear(d, d), nn.SiLU(), nn.Linear(d, d))
+        self.pos = nn.Embedding(cfg.max_positions, d)
+        nn.init.normal_(self.pos.weight, std=0.02)
+        self.q_proj = nn.Linear(d, d)
+        self.step_mlp = nn.Sequential(nn.Linear(d, d), nn.SiLU(), nn.Linear(d, d))
+        self.schedule = DiffusionSchedule.preset(cfg.noise) if cfg.noise != "none" else None
+        self._gate_index = self._gate_fields(fmap)
+        gate_dim = len(self._gate_index) * d if self._gate_index else 1
+        L = cfg.layers
+        self.layers = nn.ModuleList([
+            UserAwareDenoisingLayer(d, cfg.heads, cfg.gate, gate_dim, cfg.attention_impl, cfg.ffn_mult,
+                                    cfg.dropout, cross=(cfg.injection == "cross" and i == L - 1))
+            for i in range(L)])
+        self.inject_after = max(L // 2 - 1, 0)  # 0-based: between layer L//2 and L//2 + 1 (1-based)
+        if cfg.injection == "add":
+            self.inject = nn.Linear(d, d)
+            nn.init.zeros_(self.inject.weight)
+            nn.init.zeros_(self.inject.bias)
+        elif cfg.injection == "cat":
+            self.inject = nn.Linear(d, d)
+        self.static_head = nn.Linear(d, d)
+        self.dynamic_head = nn.Linear(d, d)
+        self.denoise_steps = cfg.denoise_steps
+        self._noise_table: torch.Tensor | None = None
+        self.build_head(n_request_vectors=2, n_candidate_vectors=2)
+
+    # ---- pieces -------------------------------------------------------------------------------
+    def _gate_fields(self, fmap: FeatureMap) -> list[int]:
+        """Indices into cat([emb.user, emb.context], -2) of the fields named by ``fmap.gate``."""
+        names = set(fmap.gate)
+        out, base = [], 0
+        for role in ("user", "context"):
+            layout = fmap.slot_layout(role)
+            out += [base + i for i, (f, _, _) in enumerate(layout) if f.name in names]
+            if fmap.n_numeric(role):
+                if any(f.name in names for f in fmap.role_features(role, sparse=False)):
+                    out.append(base + len(layout))
+            base += self.emb.n_fields(role)
+        return out
+
+    def gate_input(self, b: Batch, fields: torch.Tensor | None = None) -> torch.Tensor:
+        if fields is None:
+            fields = torch.cat([self.emb.user(b), self.emb.context(b)], dim=-2)
+        if not self._gate_index:
+            return fields.new_ones(fields.shape[0], 1)
+        return fields[:, self._gate_index].flatten(1)
+
+    def tokens(self, b: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """-> (x0 [R, L, d], mask [R, L], recency index [R, L])."""
+        mask = b.hist_mask
+        n = mask.sum(1, keepdim=True)
+        rec = (n - 1 - torch.arange(mask.shape[1], device=mask.device)[None]).clamp(0, self.cfg.max_positions - 1)
+        x0 = self.token_mlp(self.emb.history(b)) + self.pos(rec)
+        return x0 * mask.unsqueeze(-1).to(x0.dtype), mask, rec
+
+    def denoise(self, x_t: torch.Tensor, t: torch.Tensor, q: torch.Tensor, gate_in: torch.Tensor,
+                mask: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """One denoiser call: -> (x0_hat = s + d, (s, d)), all [R, L, d], zero at padding."""
+        m = mask.unsqueeze(-1).to(x_t.dtype)
+        h = x_t + self.step_mlp(timestep_embedding(t, self.cfg.dim).to(x_t.dtype))[:, None, :] * m
+        inj = self.cfg.injection
+        if inj == "cat":
+            h = torch.cat([h, self.inject(q)[:, None, :]], dim=1)
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, mask, gate_in, query=q if layer.cross else None)
+            if inj == "add" and i == self.inject_after:
+                h = h + self.inject(q)[:, None, :] * mask.unsqueeze(-1).to(h.dtype)
+        if inj == "cat":
+            h = h[:, :-1]
+        s, d = self.static_head(h) * m, self.dynamic_head(h) * m
+        return s + d, (s, d)
+
+    def _inference_noise(self, rec: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        need = int(rec.max()) + 1 if rec.numel() else 1
+        tab = self._noise_table
+        if tab is None or tab.shape[0] < need or tab.device != like.device or tab.dtype != like.dtype:
+            rows = max(need, tab.shape[0] if tab is not None else 0)
+            tab = fixed_noise(rows, self.cfg.dim, INFER_NOISE_SEED).to(like.device, like.dtype)
+            self._noise_table = tab
+        return tab[rec]
+
+    def run_diffusion(self, b: Batch, q: torch.Tensor, gate_in: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """-> (x0, x0_hat, d tokens, mask). Training: one call at a random step; eval: reverse chain."""
+        x0, mask, rec = self.tokens(b)
+        m = mask.unsqueeze(-1).to(x0.dtype)
+        R = x0.shape[0]
+        sch = self.schedule
+        if sch is None:
+            x0_hat, (_, d) = self.denoise(x0, torch.zeros(R, dtype=torch.long, device=x0.device), q, gate_in, mask)
+        elif self.training:
+            t = sch.sample_t(R, x0.device)
+            x_t = sch.q_sample(x0, t, torch.randn(x0.shape, dtype=x0.dtype, device=x0.device)) * m
+            x0_hat, (_, d) = self.denoise(x_t, t, q, gate_in, mask)
+        else:
+            eps = self._inference_noise(rec, x0) if self.cfg.infer_noise == "fixed" else torch.zeros_like(x0)
+            x_T = sch.q_sample(x0, sch.steps, eps) * m
+            x0_hat, (_, d) = sch.reverse(lambda x, t: self.denoise(x, t, q, gate_in, mask), x_T,
+                                         self.denoise_steps)
+        return x0, x0_hat, d, mask
+
+    # ---- RankModel ----------------------------------------------------------------------------
+    def encode_request(self, batch: Batch) -> RequestState:
+        fields = torch.cat([self.emb.user(batch), self.emb.context(batch)], dim=-2)
+        q = self.q_proj(self.emb.query(batch))
+        x0, x0_hat, d, mask = self.run_diffusion(batch, q, self.gate_input(batch, fields))
+        interest = masked_mean(d, mask, 1)
+        state = {"req": torch.cat([interest, q, fields.flatten(-2)], -1), "interest": interest}
+        if self.training and self.cfg.kl_weight > 0:
+            state["aux_loss"] = self.cfg.kl_weight * token_kl(x0_hat, x0.detach(), mask, self.cfg.kl_tau)
+        return state
+
+    def score(self, state: RequestState, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        c = self.emb.candidate(batch)
+        x = self.head_input(batch, [state["req"]], [c, c * state["interest"][batch.cand_req]])
+        return self.head(x)
+
+    @torch.no_grad()
+    def dynamic_interest(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Denoised dynamic part per history token in eval mode -> (d [R, L, d], mask [R, L])."""
+        was = self.training
+        self.eval()
+        try:
+            q = self.q_proj(self.emb.query(batch))
+            _, _, d, mask = self.run_diffusion(batch, q, self.gate_input(batch))
+        finally:
+            self.train(was)
+        return d, mask
