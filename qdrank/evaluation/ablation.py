@@ -56,12 +56,11 @@ def denoise_gap(out: Path, data: Path, seeds: int, overrides: list[str]) -> dict
     ds = None
     for run in runs:
         model, cfg, fmap = ckpt.load_model(run)
-        if not hasattr(model.cfg, "denoise_steps"):
+        if getattr(model, "schedule", None) is None:
             return None
         ds = ds or SearchLogDataset(data, cfg.data, fmap=fmap, log=lambda m: None)
-        T = model.n_diffusion_steps if hasattr(model, "n_diffusion_steps") else 50
-        for key, steps in (("1", 1), ("T", T)):
-            model.cfg.denoise_steps = steps
+        for key, steps in (("1", 1), ("T", model.schedule.steps)):
+            model.denoise_steps = steps
             res[key].append(evaluate(model, ds, "test", cfg.train.eval_batch_size, resolve_device("cpu")))
     agg = {k: aggregate(v, ["ctr_auc", "ctr_gauc"]) for k, v in res.items()}
     gap = [a["ctr_auc"] - b["ctr_auc"] for a, b in zip(res["1"], res["T"])]
