@@ -149,10 +149,10 @@ def write_benchmark_report(spec: BenchmarkSpec, ds: SearchLogDataset, per_model:
     for model, r in per_model.items():
         row = {"model": model, **{k: r["test"][k] for k in METRIC_KEYS if k in r["test"]}}
         if base is not None:
-            row["relaimpr"] = rela_impr(r["test"]["ctr_auc"]["mean"], base["test"]["ctr_auc"]["mean"])
+            row["relaimpr"] = f"{rela_impr(r['test']['ctr_auc']['mean'], base['test']['ctr_auc']['mean']):+.1f}"
         row["params"] = f"{r['n_parameters'] / 1e6:.2f}M"
-        row["train_s"] = r["train_seconds"]["mean"]
-        row["infer_ms"] = r["infer_ms_per_request"]["mean"]
+        row["train_s"] = f"{r['train_seconds']['mean']:.0f}"
+        row["infer_ms"] = f"{r['infer_ms_per_request']['mean']:.2f}"
         rows.append(row)
     oracle = next((r["oracle"] for r in per_model.values() if r["oracle"]), {})
     if oracle:

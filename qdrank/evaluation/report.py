@@ -64,7 +64,8 @@ def _mean_of(v: Any) -> float:
 
 
 def format_value(v: Any, digits: int = 4) -> str:
-    """Render one cell: float -> ``0.7123``, aggregate -> ``0.7123 ± 0.0021``, missing -> ``–``."""
+    """Render one cell: float -> ``0.7123``, aggregate -> ``0.7123 ± 0.0021`` (mean alone when it has
+    ``n`` < 2 values), missing -> ``–``."""
     if v is None:
         return MISSING
     if isinstance(v, Mapping):
@@ -72,7 +73,7 @@ def format_value(v: Any, digits: int = 4) -> str:
         if math.isnan(mean):
             return MISSING
         std = _as_float(v.get("std"))
-        if math.isnan(std):
+        if math.isnan(std) or v.get("n", 2) < 2:  # one value has no spread to show
             return f"{mean:.{digits}f}"
         return f"{mean:.{digits}f} ± {std:.{digits}f}"
     if isinstance(v, bool):

@@ -71,11 +71,9 @@ class RankModel(nn.Module):
         req = torch.cat(request_vecs, dim=-1)[batch.cand_req]
         return torch.cat([req, *cand_vecs], dim=-1)
 
-    def forward(self, batch: Batch, use_position: bool | None = None) -> ModelOutput:
+    def forward(self, batch: Batch, use_position: bool = True) -> ModelOutput:
         state = self.encode_request(batch)
         ctr, cvr = self.score(state, batch)
-        if use_position is None:
-            use_position = self.training
         if self.position is not None and use_position:
             ctr = ctr + self.position(batch.position)
         return ModelOutput(ctr, cvr, state.get("aux_loss"))

@@ -151,11 +151,13 @@ class TwoTaskHead(nn.Module):
 
 
 class PositionBias(nn.Module):
-    """Shallow position tower (PAL-style): a logit offset per shown position, trained on logs.
+    """Shallow position tower (PAL-style): a logit offset per shown position.
 
-    Applied only where the position is known (training and the logged evaluation batches may
-    pass it); ranking scores at evaluation and serving use position 0 = no offset, so the model
-    ranks by relevance rather than by where the old system showed an item.
+    Logged impressions carry their position, so training and offline evaluation estimate the
+    click probability of the impression as it was shown (comparable with the simulator's oracle,
+    whose true CTR includes position bias). A live request has no position (0 = unknown = no
+    offset), so serving ranks by relevance alone; the offset is the same for every candidate at
+    a given position and cannot be gamed by the ranker.
     """
 
     def __init__(self):

@@ -82,7 +82,7 @@ def predict(model: RankModel, ds: SearchLogDataset, split: str, batch_size: int,
     groups = ds.batch_rows(split, batch_size, rank=ctx.rank, world=ctx.world)
     for rows in tqdm(groups, desc=f"eval {split}", disable=not progress, leave=False):
         b = ds.make_batch(rows).to(device)
-        o = model(b, use_position=False)
+        o = model(b)  # logged positions known: full model (see PositionBias)
         out["ctr"].append(o.ctr_logit.float().cpu().numpy())
         out["cvr"].append(o.cvr_logit.float().cpu().numpy())
         out["imp"].append(ds.candidate_index(rows))
