@@ -108,10 +108,11 @@ def cmd_demo(a) -> None:
 
 
 def cmd_benchmark(a) -> None:
-    from qdrank.evaluation.benchmark import BenchmarkSpec, run_benchmark
+    from qdrank.evaluation.benchmark import DEFAULT_GRID, BenchmarkSpec, parse_grid, run_benchmark
 
     spec = BenchmarkSpec(data=Path(a.data), models=a.models.split(","), seeds=a.seeds,
-                         overrides=a.set or [], search=not a.no_search, base_model=a.base)
+                         overrides=a.set or [], search=not a.no_search, base_model=a.base,
+                         grid=parse_grid(a.grid) if a.grid else dict(DEFAULT_GRID))
     run_benchmark(spec, Path(a.out), log=_log)
 
 
@@ -181,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--seeds", type=int, default=3)
     b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="applies to every model")
     b.add_argument("--no-search", action="store_true", help="skip the validation hyper-parameter search")
+    b.add_argument("--grid", help='search grid, e.g. "train.lr=0.001,0.003;model.dropout=0,0.2" (the default)')
     b.add_argument("--base", default="dnn", help="RelaImpr base model")
     b.add_argument("--out", required=True)
     b.set_defaults(func=cmd_benchmark)

@@ -30,9 +30,9 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     max_epochs: int = 10
-    batch_size: int = 2048         # impressions per batch (whole requests are kept together)
+    batch_size: int = 1024         # impressions per batch (whole requests are kept together)
     eval_batch_size: int = 8192
-    lr: float = 1e-3
+    lr: float = 2e-3
     weight_decay: float = 0.0
     patience: int = 2              # early stopping on validation GAUC
     seed: int = 0

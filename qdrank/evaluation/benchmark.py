@@ -5,7 +5,7 @@ Protocol (the same for every model):
 2. Same budget: ``train.max_epochs``, early stopping on validation GAUC with ``train.patience``,
    same batch size.
 3. Hyper-parameter search on VALIDATION only, alike for every model: the grid (default
-   ``train.lr`` in {0.0005, 0.002} x ``model.dropout`` in {0.0, 0.2}) is trained with the first
+   ``train.lr`` in {0.001, 0.003} x ``model.dropout`` in {0.0, 0.2}) is trained with the first
    seed; the point with the best validation GAUC is then trained with every seed.
 4. Test metrics of those runs: mean ± std over seeds, RelaImpr over the base model, parameters,
    training time and inference milliseconds per request.
@@ -34,7 +34,7 @@ from qdrank.evaluation.metrics import rela_impr
 from qdrank.evaluation.report import aggregate, bar_plot, markdown_table, write_report
 from qdrank.training import checkpoint as ckpt
 
-DEFAULT_GRID = {"train.lr": [0.0005, 0.002], "model.dropout": [0.0, 0.2]}
+DEFAULT_GRID = {"train.lr": [0.001, 0.003], "model.dropout": [0.0, 0.2]}
 METRIC_KEYS = ("ctr_auc", "ctr_gauc", "ctr_gauc_w", "ctr_logloss", "cvr_auc", "cvr_gauc")
 
 
@@ -57,6 +57,19 @@ class BenchmarkSpec:
     grid: dict[str, list] = field(default_factory=lambda: dict(DEFAULT_GRID))
     base_model: str = "dnn"
     title: str | None = None
+
+
+def parse_grid(text: str) -> dict[str, list]:
+    """``"train.lr=0.001,0.003;model.dropout=0,0.2"`` -> ``{"train.lr": [0.001, 0.003], ...}``."""
+    import yaml
+
+    grid = {}
+    for part in filter(None, (p.strip() for p in text.split(";"))):
+        key, _, values = part.partition("=")
+        if not values or "." not in key:
+            raise ValueError(f"--grid expects section.key=v1,v2;... got {part!r}")
+        grid[key.strip()] = [yaml.safe_load(v) for v in values.split(",")]
+    return grid
 
 
 def grid_points(grid: dict[str, list], search: bool) -> list[dict]:

@@ -8,7 +8,7 @@ identical tables; ``chunk_requests`` only changes how the tables are written, ne
 Scales (``scale=`` picks a preset from :data:`SCALES`; explicit non-default arguments win)::
 
     tiny     200 users,    400 items,  1k requests x 10 candidates  (~10k impressions, for tests)
-    demo     2k users,     3k items,  10k requests x 20             (~200k impressions, `qdrank demo`)
+    demo     2k users,     3k items,   6k requests x 20             (~120k impressions, `qdrank demo`)
     small    2k users,     3k items,  20k requests x 20             (~400k impressions, the default)
     medium   20k users,   20k items,  50k requests x 20             (~1M impressions)
     large    200k users, 100k items, 500k requests x 20             (~10M impressions)
@@ -118,7 +118,7 @@ DEFAULTS: dict[str, int] = dict(n_users=2000, n_items=3000, n_categories=20, n_r
 SCALES: dict[str, dict[str, int]] = {
     "tiny": dict(n_users=200, n_items=400, n_categories=8, n_requests=1000, candidates_per_request=10,
                  history_per_user=20),
-    "demo": dict(DEFAULTS, n_requests=10_000),
+    "demo": dict(DEFAULTS, n_requests=6_000),
     "small": dict(DEFAULTS),
     "medium": dict(n_users=20_000, n_items=20_000, n_categories=40, n_requests=50_000,
                    candidates_per_request=20, history_per_user=50),
