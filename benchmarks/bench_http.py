@@ -13,7 +13,6 @@ concurrency 8 with the server's RSS read before and after. Errors (non-200) must
 
 from __future__ import annotations
 
-import argparse
 import os
 import socket
 import subprocess
@@ -27,7 +26,7 @@ import httpx
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_serving import fill_store, make_request, train_tiny  # noqa: E402
+from bench_serving import base_parser, fill_store, make_request, train_tiny  # noqa: E402
 
 from qdrank.serving.ranker import Ranker  # noqa: E402
 from qdrank.serving.store import HistoryStore  # noqa: E402
@@ -85,11 +84,7 @@ def load(url: str, body: dict, n: int, conc: int, duration: float) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run")
-    p.add_argument("--model", default="din")
-    p.add_argument("--set", action="append", default=[])
-    p.add_argument("--quick", action="store_true")
+    p = base_parser(__doc__)
     p.add_argument("--concurrency", default="1,8,32")
     p.add_argument("--requests", type=int, default=0, help="per level (default 500, quick 100)")
     p.add_argument("--duration", type=float, default=30.0, help="seconds per level at most")

@@ -98,12 +98,18 @@ def per_pair_batch(b: Batch) -> Batch:
     return Batch(**rep)
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run")
-    p.add_argument("--model", default="din")
-    p.add_argument("--set", action="append", default=[])
+def base_parser(doc: str) -> argparse.ArgumentParser:
+    """Arguments every serving benchmark takes: which run (or a tiny model trained on the spot)."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", help="a run directory from `qdrank train` (default: train a tiny one)")
+    p.add_argument("--model", default="din", help="model of the tiny run when --run is not given")
+    p.add_argument("--set", action="append", default=[], help="overrides of the tiny run")
     p.add_argument("--quick", action="store_true")
+    return p
+
+
+def main(argv=None) -> int:
+    p = base_parser(__doc__)
     p.add_argument("--history", help="comma list (default 100,1000,10000; quick 100,1000)")
     p.add_argument("--candidates", help="comma list (default 100,500,2000; quick 100,500)")
     p.add_argument("--history-mode", choices=["model", "run"], default="model")
