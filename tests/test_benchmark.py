@@ -38,7 +38,7 @@ def test_benchmark_search_seeds_and_resume(tiny_data, tmp_path):
     again = run_benchmark(spec, out, log=lambda m: None)
     assert [p.stat().st_mtime_ns for p in results] == stamps
     assert again["models"]["dnn"]["test"] == json.loads(json.dumps(dnn["test"]))
-    assert any("vs din" in line for line in rank_summary(payload, "dnn"))
+    assert any(line.endswith(")") and "vs din on ctr_auc" in line for line in rank_summary(payload, "dnn"))
 
 
 def test_interrupted_run_resumes(tiny_data, tmp_path):

@@ -172,21 +172,29 @@ def write_benchmark_report(spec: BenchmarkSpec, ds: SearchLogDataset, per_model:
         # formatted as text so the ceiling is shown but never "bolded best" among the models
         rows.append({"model": "oracle (true probabilities)",
                      **{k.removeprefix("oracle_"): f"{v:.4f}" for k, v in oracle.items()}})
-    has_cvr = any("cvr_auc" in r["test"] and not math.isnan(r["test"]["cvr_auc"]["mean"]) for r in per_model.values())
-    cols = [("ctr_auc", "CTR AUC"), ("ctr_gauc", "CTR GAUC")]
-    if has_cvr:
-        cols += [("cvr_auc", "CVR AUC"), ("cvr_gauc", "CVR GAUC")]
+    def measured(key: str) -> bool:
+        return any(not math.isnan(r["test"].get(key, {}).get("mean", float("nan"))) for r in per_model.values())
+
+    cols = [(k, h) for k, h in (("ctr_auc", "CTR AUC"), ("ctr_gauc", "CTR GAUC"), ("cvr_auc", "CVR AUC"),
+                                ("cvr_gauc", "CVR GAUC")) if measured(k)]
+    metric_cols = [k for k, _ in cols]
     cols += [("relaimpr", f"RelaImpr vs {spec.base_model} (%)"), ("params", "Params"), ("train_s", "Train s"),
              ("infer_ms", "ms/request")]
     title = spec.title or f"Test metrics on {spec.data} (mean ± std over {spec.seeds} seed(s))"
-    md = markdown_table(rows, cols, title=title, bold_best={"ctr_auc", "ctr_gauc", "cvr_auc", "cvr_gauc"})
+    md = markdown_table(rows, cols, title=title, bold_best=set(metric_cols))
     md += (f"\n\nSplit sizes (requests): train {len(ds.requests_of('train')):,}, valid "
            f"{len(ds.requests_of('valid')):,}, test {len(ds.requests_of('test')):,}. GAUC = unweighted mean AUC "
            "over test requests with both labels. CVR is post-click (on clicked impressions). Model rows: "
            "hyper-parameters chosen on validation GAUC" + (" from " + json.dumps(spec.grid) if spec.search else "")
-           + ". The oracle row scores with the true click/purchase probabilities of the simulator.\n")
+           + "." + (" The oracle row scores with the true click/purchase probabilities of the simulator." if oracle
+                    else "") + " A missing column had nothing to measure (e.g. CVR GAUC needs requests with"
+           " two clicked impressions).\n")
+    verdicts = rank_summary({"models": per_model}, "diffusiongs")
+    if verdicts:
+        md += ("\nDiffusionGS against each peer (difference of means; it 'ties' where the difference is within"
+               " the seeds' spread, sqrt(std_a^2 + std_b^2)):\n\n" + "\n".join(f"- {v}" for v in verdicts) + "\n")
     plot_rows = [r for r in rows if not r["model"].startswith("oracle")]
-    metrics = [k for k, _ in cols[: 4 if has_cvr else 2]]
+    metrics = metric_cols
     reference = {k: float(oracle[f"oracle_{k}"]) for k in metrics if f"oracle_{k}" in oracle}
     payload = {"data": str(spec.data), "seeds": spec.seeds, "models": per_model, "overrides": spec.overrides,
                "grid": spec.grid if spec.search else None, "rows": rows}
@@ -235,5 +243,5 @@ def rank_summary(payload: dict, model: str = "diffusiongs") -> list[str]:
             diff = a["mean"] - b["mean"]
             spread = float(np.hypot(a["std"], b["std"])) or float("nan")
             verdict = "ties" if abs(diff) <= spread or spread != spread else ("wins" if diff > 0 else "loses")
-            lines.append(f"{model} {verdict} vs {other} on {key}: {diff:+.4f} (spread {spread:.4f})")
+            lines.append(f"{verdict} vs {other} on {key}: {diff:+.4f} (spread {spread:.4f})")
     return lines
