@@ -143,9 +143,9 @@ def main(argv=None) -> int:
             return base
         m, cfg, fmap = base.model, base.cfg, base.fmap
         if "denoise_steps" in extra:
-            from qdrank.serving.ranker import load_for_serving
+            from qdrank.training.checkpoint import load_model
 
-            m, cfg, fmap = load_for_serving(run, extra["denoise_steps"])
+            m, cfg, fmap = load_model(run, model_overrides={"denoise_steps": extra["denoise_steps"]})
         return Ranker(m, cfg, fmap, ServingConfig.build(**over), store)
 
     for h in hs:
