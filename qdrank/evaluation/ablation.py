@@ -47,25 +47,30 @@ def denoise_gap(out: Path, data: Path, seeds: int, overrides: list[str]) -> dict
     """Test AUC of the default runs with 1 denoising step vs the full T-step chain."""
     from qdrank.data.dataset import SearchLogDataset
     from qdrank.training import checkpoint as ckpt
-    from qdrank.training.trainer import evaluate, resolve_device
+    from qdrank.training.trainer import metrics_from_predictions, predict, resolve_device
 
     runs = sorted((out / "runs" / DEFAULT / point_tag({})).glob("seed*"))[:seeds]
     if not runs:
         return None
     res: dict[str, list] = {"1": [], "T": []}
+    max_diff = 0.0
     ds = None
     for run in runs:
         model, cfg, fmap = ckpt.load_model(run)
         if getattr(model, "schedule", None) is None:
             return None
         ds = ds or SearchLogDataset(data, cfg.data, fmap=fmap, log=lambda m: None)
+        logits = {}
         for key, steps in (("1", 1), ("T", model.schedule.steps)):
             model.denoise_steps = steps
-            res[key].append(evaluate(model, ds, "test", cfg.train.eval_batch_size, resolve_device("cpu")))
+            pred = predict(model, ds, "test", cfg.train.eval_batch_size, resolve_device("cpu"))
+            logits[key] = pred["ctr"]
+            res[key].append(metrics_from_predictions(ds, pred))
+        max_diff = max(max_diff, float(np.abs(logits["1"] - logits["T"]).max()))
     agg = {k: aggregate(v, ["ctr_auc", "ctr_gauc"]) for k, v in res.items()}
     gap = [a["ctr_auc"] - b["ctr_auc"] for a, b in zip(res["1"], res["T"])]
     return {"one_step": agg["1"], "t_steps": agg["T"], "auc_gap_mean": float(np.mean(gap)),
-            "auc_gap_max_abs": float(np.max(np.abs(gap)))}
+            "auc_gap_max_abs": float(np.max(np.abs(gap))), "max_abs_logit_diff": max_diff}
 
 
 def run_ablation(data: Path, out: Path, seeds: int = 3, overrides: list[str] | None = None, log=None) -> dict:
@@ -75,9 +80,9 @@ def run_ablation(data: Path, out: Path, seeds: int = 3, overrides: list[str] | N
                          base_model=DEFAULT, title=f"DiffusionGS ablation variants on {data}")
     payload = run_benchmark(spec, out, log=log)
     per = payload["models"]
-    has_cvr = any(not math.isnan(r["test"].get("cvr_auc", {}).get("mean", float("nan"))) for r in per.values())
-    cols = [("ctr_auc", "CTR AUC"), ("ctr_gauc", "CTR GAUC")] + (
-        [("cvr_auc", "CVR AUC"), ("cvr_gauc", "CVR GAUC")] if has_cvr else [])
+    cols = [(k, h) for k, h in (("ctr_auc", "CTR AUC"), ("ctr_gauc", "CTR GAUC"), ("cvr_auc", "CVR AUC"),
+                                ("cvr_gauc", "CVR GAUC"))
+            if any(not math.isnan(r["test"].get(k, {}).get("mean", float("nan"))) for r in per.values())]
     md_parts, tables = [f"# DiffusionGS ablations on `{data}`\n\nmean ± std of test metrics over {seeds} seed(s); "
                         "each variant changes one switch of the default model.\n"], {}
     for title, rows in TABLES.items():
@@ -95,7 +100,8 @@ def run_ablation(data: Path, out: Path, seeds: int = 3, overrides: list[str] | N
         md_parts.append(f"### Single-step vs T-step denoising (default model, test)\n\n"
                         f"1 step: AUC {gap['one_step']['ctr_auc']['mean']:.4f} ± {gap['one_step']['ctr_auc']['std']:.4f}; "
                         f"T steps: AUC {gap['t_steps']['ctr_auc']['mean']:.4f} ± {gap['t_steps']['ctr_auc']['std']:.4f}; "
-                        f"mean gap (1 - T) {gap['auc_gap_mean']:+.5f}, largest |gap| {gap['auc_gap_max_abs']:.5f}.\n")
+                        f"mean gap (1 - T) {gap['auc_gap_mean']:+.5f}, largest |gap| {gap['auc_gap_max_abs']:.5f}; "
+                        f"largest |CTR logit difference| over test impressions {gap['max_abs_logit_diff']:.2e}.\n")
     md = "\n\n".join(md_parts)
     scaling = tables["Figure 4: number of layers"]
 
