@@ -31,7 +31,7 @@ from tqdm import tqdm
 from qdrank.config import RunConfig, build_config
 from qdrank.data.dataset import SearchLogDataset
 from qdrank.evaluation.metrics import rela_impr
-from qdrank.evaluation.report import aggregate, bar_plot, markdown_table, write_report
+from qdrank.evaluation.report import aggregate, bar_plot, format_value, markdown_table, write_report
 from qdrank.training import checkpoint as ckpt
 
 DEFAULT_GRID = {"train.lr": [0.001, 0.003], "model.dropout": [0.0, 0.2]}
@@ -150,8 +150,8 @@ def run_benchmark(spec: BenchmarkSpec, out: Path, log=None) -> dict:
             "infer_ms_per_request": aggregate(runs, ["infer_ms_per_request"])["infer_ms_per_request"],
             "oracle": {k: v for k, v in runs[0]["test"].items() if k.startswith("oracle_")},
         }
-        log(f"{model}: test CTR AUC {per_model[model]['test']['ctr_auc']['mean']:.4f} ± "
-            f"{per_model[model]['test']['ctr_auc']['std']:.4f}  GAUC {per_model[model]['test']['ctr_gauc']['mean']:.4f}")
+        t = per_model[model]["test"]
+        log(f"{model}: test CTR AUC {format_value(t['ctr_auc'])}  GAUC {format_value(t['ctr_gauc'])}")
     bar.close()
     return write_benchmark_report(spec, ds, per_model, out)
 
