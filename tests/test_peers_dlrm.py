@@ -1,4 +1,4 @@
-"""Sequence/search-interest peers: SASRec, SIM (soft and hard GSU), QIN."""
+"""DLRM-style peers: DNN, DIN, SASRec, SIM (soft and hard GSU), QIN."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ from qdrank.training.checkpoint import load_model, save_model
 
 # small top-K values so the selection stages really select on 20-long histories
 VARIANTS = {
+    "dnn": ("dnn", []),
+    "din": ("din", []),
     "sasrec": ("sasrec", []),
     "sim_soft": ("sim", ["model.topk=5"]),
     "sim_hard": ("sim", ["model.gsu=hard", "model.topk=5"]),
