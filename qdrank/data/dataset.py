@@ -108,12 +108,14 @@ class SearchLogDataset:
         self.path = Path(path)
         self.cfg = cfg
         log = log or (lambda m: print(m, file=sys.stderr))
-        self.report = schema.validate_dataset(self.path)
+        arrow = schema.read_tables(self.path)
+        self.report = schema.validate_dataset(self.path, arrow)
         for w in self.report.warnings:
             log(f"warning: {w}")
         spec = schema.load_spec(self.path)
-        tables = {n: pd.read_parquet(self.path / n) for n in schema.REQUIRED_TABLES + schema.OPTIONAL_TABLES
-                  if (self.path / n).exists()}
+        tables = {n: t.to_pandas() for n, t in arrow.items()}
+        del arrow
+        self._items = tables.get(schema.ITEMS)  # item side features, for item_tables()
         req = tables[schema.REQUESTS].reset_index(drop=True)
         imp = tables[schema.IMPRESSIONS]
         beh = tables[schema.BEHAVIORS]
@@ -215,9 +217,8 @@ class SearchLogDataset:
         """Item side-feature tables aligned with item rows (row 0 pad, row 1 unknown)."""
         fmap = self.fmap
         items = pd.DataFrame({"item_id": fmap.item_vocab})
-        f = self.path / schema.ITEMS
-        if f.exists():
-            side = pd.read_parquet(f)
+        if self._items is not None:
+            side = self._items.copy()
             side["item_id"] = side["item_id"].map(str)
             items = items.merge(side, on="item_id", how="left")
         pad = pd.DataFrame({"item_id": [None, "\x00__unknown__"]})

@@ -14,10 +14,11 @@ from qdrank.data.dataset import SPLIT_CODES, history_bounds, split_by_time
 
 def inspect_dataset(path: Path, cfg: DataConfig | None = None) -> dict:
     cfg = cfg or DataConfig()
-    rep = schema.validate_dataset(path)
-    req = pd.read_parquet(path / schema.REQUESTS)
-    imp = pd.read_parquet(path / schema.IMPRESSIONS)
-    beh = pd.read_parquet(path / schema.BEHAVIORS, columns=["user_id", "item_id", "timestamp", "action"])
+    arrow = schema.read_tables(path)
+    rep = schema.validate_dataset(path, arrow)
+    req = arrow[schema.REQUESTS].to_pandas()
+    imp = arrow[schema.IMPRESSIONS].to_pandas()
+    beh = arrow[schema.BEHAVIORS].select(["user_id", "item_id", "timestamp", "action"]).to_pandas()
     split = (req["split"].map(SPLIT_CODES).to_numpy() if "split" in req.columns
              else split_by_time(req["timestamp"].to_numpy(), cfg.split))
     users = pd.Index(pd.unique(pd.concat([req["user_id"], beh["user_id"]]).map(str)))

@@ -158,8 +158,17 @@ def load_spec(path: Path) -> dict:
     return spec
 
 
-def validate_dataset(path: str | os.PathLike) -> ValidationReport:
-    """Check every rule of the format; raise :class:`DatasetError` on the first violation."""
+def read_tables(path: str | os.PathLike) -> dict[str, pa.Table]:
+    """Every table of the dataset that exists, read once (callers validate, then convert)."""
+    path = Path(path)
+    return {n: read_table(path, n) for n in REQUIRED_TABLES + OPTIONAL_TABLES if (path / n).exists()}
+
+
+def validate_dataset(path: str | os.PathLike, tables: dict[str, pa.Table] | None = None) -> ValidationReport:
+    """Check every rule of the format; raise :class:`DatasetError` on the first violation.
+
+    ``tables`` (from :func:`read_tables`) avoids reading the files a second time.
+    """
     path = Path(path)
     if not path.is_dir():
         raise DatasetError(str(path), "dataset directory does not exist")
@@ -167,7 +176,8 @@ def validate_dataset(path: str | os.PathLike) -> ValidationReport:
         if not (path / name).exists():
             raise DatasetError(name, f"required table missing from {path}")
     load_spec(path)
-    tables = {n: read_table(path, n) for n in REQUIRED_TABLES + OPTIONAL_TABLES if (path / n).exists()}
+    if tables is None:
+        tables = read_tables(path)
     for name, tab in tables.items():
         for col in REQUIRED_COLUMNS[name]:
             if col not in tab.column_names:
