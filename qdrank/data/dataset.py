@@ -264,8 +264,7 @@ class SearchLogDataset:
 
         counts = self.imp_end[rows] - self.imp_start[rows]
         cand_req = np.repeat(np.arange(len(rows)), counts)
-        cand = np.concatenate([np.arange(s, e) for s, e in zip(self.imp_start[rows], self.imp_end[rows])]) \
-            if len(rows) else np.zeros(0, dtype=np.int64)
+        cand = self.candidate_index(rows)
         ur = self.req_user[rows]
         t = torch.from_numpy
         return Batch(
@@ -282,8 +281,9 @@ class SearchLogDataset:
 
     def candidate_index(self, rows: np.ndarray) -> np.ndarray:
         """Impression indices of ``rows``, in the order make_batch emits candidates."""
-        return np.concatenate([np.arange(s, e) for s, e in zip(self.imp_start[rows], self.imp_end[rows])]) \
-            if len(rows) else np.zeros(0, dtype=np.int64)
+        starts, counts = self.imp_start[rows], self.imp_end[rows] - self.imp_start[rows]
+        first = np.cumsum(counts) - counts  # where each request's block begins in the output
+        return np.repeat(starts - first, counts) + np.arange(int(counts.sum()), dtype=np.int64)
 
     def pack(self, rows: np.ndarray, batch_size: int) -> list[np.ndarray]:
         """Cut ``rows`` (in order) into groups of whole requests with ~batch_size impressions."""
