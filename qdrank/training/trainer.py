@@ -174,11 +174,9 @@ class Trainer:
             ckpt.write_json(self.run_dir / "data.json", {"path": str(ds.path.resolve())})
             if self.start_epoch == 0:
                 (self.run_dir / ckpt.METRICS).unlink(missing_ok=True)
-        epoch = self.start_epoch
-        stop = self.bad_epochs > t.patience
-        for epoch in range(self.start_epoch, t.max_epochs):
-            if stop:
-                break
+        # a run resumed after its early stop trains no further epoch
+        first_epoch = self.start_epoch if self.bad_epochs <= t.patience else t.max_epochs
+        for epoch in range(first_epoch, t.max_epochs):
             seed_everything(t.seed * 1009 + epoch)
             self.net.train()
             groups = ds.batch_rows("train", t.batch_size, shuffle=True, seed=t.seed * 1009 + epoch,
@@ -191,7 +189,7 @@ class Trainer:
             for rows in bar:
                 b = ds.make_batch(rows).to(self.device)
                 out = self.net(b)
-                loss, parts = self.model.loss(b, out, t.cvr_weight)
+                loss, _ = self.model.loss(b, out, t.cvr_weight)
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if t.grad_clip > 0:
