@@ -32,7 +32,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from qdrank.data.dataset import Batch  # noqa: E402
+from qdrank.data.batch import Batch  # noqa: E402
 from qdrank.data.features import Feature, FeatureMap  # noqa: E402
 from qdrank.models.diffusiongs import DiffusionGS, DiffusionGSConfig  # noqa: E402
 

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from qdrank.data.dataset import Batch
+from qdrank.data.batch import Batch
 from qdrank.serving.ranker import Ranker, ServingConfig
 from qdrank.serving.schemas import RankRequest
 from qdrank.serving.store import HistoryStore

@@ -79,9 +79,10 @@ def cmd_train(a) -> None:
 
 def cmd_evaluate(a) -> None:
     from qdrank.data.dataset import SearchLogDataset
+    from qdrank.evaluation.evaluate import evaluate
     from qdrank.evaluation.report import markdown_table, write_report
     from qdrank.training import checkpoint as ckpt
-    from qdrank.training.trainer import evaluate, resolve_device
+    from qdrank.utils.runtime import resolve_device
 
     run = Path(a.run)
     model, cfg, fmap = ckpt.load_model(run)

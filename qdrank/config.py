@@ -1,4 +1,4 @@
-"""Typed run configuration: YAML files under ``configs/`` plus ``--set key=value`` overrides.
+"""Typed run configuration: YAML files under ``qdrank/configs/`` plus ``--set key=value`` overrides.
 
 Configs flow one way: YAML -> :class:`RunConfig` -> constructors. Every key is declared in a
 dataclass, so a typo in ``--set`` is an error that lists the valid keys, never a silent no-op.
@@ -13,7 +13,8 @@ from typing import Any
 
 import yaml
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+from qdrank.configs import CONFIG_DIR
+from qdrank.models.registry import model_config_class
 
 
 @dataclass
@@ -158,7 +159,7 @@ def read_yaml(path: Path) -> dict:
 
 def build_config(model_name: str, config_file: Path | None = None, overrides: list[str] | dict | None = None,
                  ) -> RunConfig:
-    """defaults.yaml < configs/models/NAME.yaml < --config FILE < --set overrides."""
+    """default.yaml < models/NAME.yaml < --config FILE < --set overrides."""
 
     raw = read_yaml(CONFIG_DIR / "default.yaml")
     model_file = CONFIG_DIR / "models" / f"{model_name}.yaml"
@@ -172,8 +173,6 @@ def build_config(model_name: str, config_file: Path | None = None, overrides: li
 
 
 def from_dict(model_name: str, raw: dict) -> RunConfig:
-    from qdrank.models.registry import model_config_class
-
     unknown = set(raw) - {"data", "train", "model", "model_name"}
     if unknown:
         raise ConfigError(f"unknown config section(s) {sorted(unknown)}; valid: data, train, model")

@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import tiny_config
 
-from qdrank.data.dataset import Batch
+from qdrank.data.batch import Batch
 from qdrank.models.diffusion import DiffusionSchedule, fixed_noise
 from qdrank.models.diffusiongs import DiffusionGS, UserAwareDenoisingLayer, length_normalized_attention
 from qdrank.training.trainer import build_model
@@ -263,8 +263,9 @@ def test_every_switch_trains(tiny_dataset, overrides):
 
 
 def test_one_step_and_full_chain_agree_after_training(tiny_dataset, tmp_path):
+    from qdrank.evaluation.evaluate import predict
     from qdrank.evaluation.metrics import RankingMetrics
-    from qdrank.training.trainer import Trainer, predict
+    from qdrank.training.trainer import Trainer
 
     cfg_run, ds = tiny_dataset
     cfg = tiny_config("diffusiongs", "train.max_epochs=1", "train.max_steps_per_epoch=8", "model.layers=2")

@@ -14,8 +14,10 @@ import pytest
 from conftest import tiny_config
 
 from qdrank.config import ConfigError, build_config
+from qdrank.evaluation.evaluate import evaluate
 from qdrank.training import checkpoint as ckpt
-from qdrank.training.trainer import Trainer, evaluate, resolve_device
+from qdrank.training.trainer import Trainer
+from qdrank.utils.runtime import resolve_device
 
 SMALL = ["data.max_history=20", "data.query_buckets=2000", "model.dim=16", "train.batch_size=512",
          "train.progress=false"]

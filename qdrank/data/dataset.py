@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +21,7 @@ import torch
 
 from qdrank.config import DataConfig
 from qdrank.data import schema
+from qdrank.data.batch import MAX_POSITION, Batch, batch_inputs
 from qdrank.data.features import (
     Feature,
     FeatureMap,
@@ -32,43 +32,6 @@ from qdrank.data.features import (
 
 SPLIT_CODES = {"train": 0, "valid": 1, "test": 2}
 BEHAVIOR_QUERY_TOKENS = 4
-MAX_POSITION = 64
-
-
-@dataclass
-class Batch:
-    """Tensors of a group of requests and their candidates (R requests, N candidates, L history)."""
-
-    request_id: torch.Tensor     # [R] original request ids
-    user_sparse: torch.Tensor    # [R, Su] profile ids (user_id included)
-    user_dense: torch.Tensor     # [R, Nu]
-    ctx_sparse: torch.Tensor     # [R, Sc] request context ids
-    ctx_dense: torch.Tensor      # [R, Nc]
-    query: torch.Tensor          # [R, Q] hashed query word/bigram ids, 0 = pad
-    hist_item: torch.Tensor      # [R, L] item rows, chronological, left-aligned, 0 = pad
-    hist_sparse: torch.Tensor    # [R, L, Sb] behaviour feature ids (action, ...)
-    hist_dense: torch.Tensor     # [R, L, Nb]
-    hist_query: torch.Tensor     # [R, L, Qb] hashed ids of the query each behaviour came from
-    hist_time: torch.Tensor      # [R, L] log2 bucket of (request time - behaviour time), 0 = pad
-    hist_len: torch.Tensor       # [R] true history length
-    cand_req: torch.Tensor       # [N] request row of each candidate
-    cand_item: torch.Tensor      # [N] item rows
-    cand_sparse: torch.Tensor    # [N, Sk] candidate (impression) feature ids
-    cand_dense: torch.Tensor     # [N, Nk]
-    position: torch.Tensor       # [N] shown position + 1, 0 = unknown (serving)
-    click: torch.Tensor          # [N] float 0/1
-    purchase: torch.Tensor       # [N] float 0/1, -1 = unknown
-
-    def to(self, device: torch.device | str) -> Batch:
-        return Batch(**{f.name: getattr(self, f.name).to(device, non_blocking=True) for f in fields(self)})
-
-    @property
-    def n_requests(self) -> int:
-        return int(self.request_id.shape[0])
-
-    @property
-    def hist_mask(self) -> torch.Tensor:
-        return self.hist_item > 0
 
 
 def history_bounds(beh_user: np.ndarray, beh_ts: np.ndarray, req_user: np.ndarray, req_ts: np.ndarray,
@@ -234,8 +197,9 @@ class SearchLogDataset:
     def n_impressions(self, rows: np.ndarray) -> int:
         return int((self.imp_end[rows] - self.imp_start[rows]).sum())
 
-    def make_batch(self, rows: np.ndarray) -> Batch:
-        """Gather requests ``rows`` (and all their candidates) into tensors."""
+    def make_batch(self, rows: np.ndarray, extra_inputs: tuple[str, ...] = ()) -> Batch:
+        """Gather requests ``rows`` (and all their candidates) into tensors, plus the registered
+        inputs named in ``extra_inputs`` (see :mod:`qdrank.data.batch`)."""
         rows = np.asarray(rows, dtype=np.int64)
         L = self.cfg.max_history
         hs, he = self.hist_start[rows], self.hist_end[rows]
@@ -277,7 +241,15 @@ class SearchLogDataset:
             cand_req=t(cand_req.astype(np.int64)), cand_item=t(self.cand_item[cand]),
             cand_sparse=t(self.cand_sparse[cand]), cand_dense=t(self.cand_dense[cand]),
             position=t(self.position[cand]), click=t(self.click[cand]), purchase=t(self.purchase[cand]),
+            extra=self.extra_tensors(extra_inputs, rows, cand),
         )
+
+    def extra_tensors(self, names: tuple[str, ...], rows: np.ndarray, cand: np.ndarray) -> dict[str, torch.Tensor]:
+        builders = batch_inputs()
+        unknown = [n for n in names if n not in builders]
+        if unknown:
+            raise KeyError(f"unknown batch input(s) {unknown}; registered: {sorted(builders)}")
+        return {n: torch.as_tensor(builders[n](self, rows, cand)) for n in names}
 
     def candidate_index(self, rows: np.ndarray) -> np.ndarray:
         """Impression indices of ``rows``, in the order make_batch emits candidates."""

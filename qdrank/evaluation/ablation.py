@@ -46,8 +46,9 @@ def variants() -> list[Variant]:
 def denoise_gap(out: Path, data: Path, seeds: int, overrides: list[str]) -> dict | None:
     """Test AUC of the default runs with 1 denoising step vs the full T-step chain."""
     from qdrank.data.dataset import SearchLogDataset
+    from qdrank.evaluation.evaluate import metrics_from_predictions, predict
     from qdrank.training import checkpoint as ckpt
-    from qdrank.training.trainer import metrics_from_predictions, predict, resolve_device
+    from qdrank.utils.runtime import resolve_device
 
     runs = sorted((out / "runs" / DEFAULT / point_tag({})).glob("seed*"))[:seeds]
     if not runs:

@@ -85,7 +85,9 @@ def point_tag(point: dict) -> str:
 
 def _run_once(cfg: RunConfig, ds: SearchLogDataset, run_dir: Path, log) -> dict:
     """Train (or resume, or reuse) one run; returns its result.json content plus timings."""
-    from qdrank.training.trainer import Trainer, predict, resolve_device
+    from qdrank.evaluation.evaluate import predict
+    from qdrank.training.trainer import Trainer
+    from qdrank.utils.runtime import resolve_device
 
     result_file = run_dir / "result.json"
     if result_file.exists():

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qdrank.config import ModelConfig
-from qdrank.data.dataset import Batch
+from qdrank.data.batch import Batch
 from qdrank.data.features import FeatureMap
 from qdrank.models.layers import FeatureEmbedder, PositionBias, TwoTaskHead
 
@@ -37,6 +37,7 @@ class RankModel(nn.Module):
     """
 
     config_class: type[ModelConfig] = ModelConfig
+    extra_inputs: tuple[str, ...] = ()  # registered batch inputs this model reads (qdrank.data.batch)
 
     def __init__(self, fmap: FeatureMap, cfg: ModelConfig):
         super().__init__()

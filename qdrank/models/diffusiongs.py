@@ -56,7 +56,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qdrank.config import ModelConfig
-from qdrank.data.dataset import Batch
+from qdrank.data.batch import Batch
 from qdrank.data.features import FeatureMap
 from qdrank.models.base import RankModel, RequestState
 from qdrank.models.diffusion import (

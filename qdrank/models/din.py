@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from qdrank.config import ModelConfig
-from qdrank.data.dataset import Batch
+from qdrank.data.batch import Batch
 from qdrank.data.features import FeatureMap
 from qdrank.models.base import RankModel, RequestState
 from qdrank.models.layers import TargetAttention

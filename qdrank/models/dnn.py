@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from qdrank.data.dataset import Batch
+from qdrank.data.batch import Batch
 from qdrank.data.features import FeatureMap
 from qdrank.models.base import RankModel, RequestState
 from qdrank.models.layers import masked_mean

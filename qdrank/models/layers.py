@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from qdrank.data.dataset import MAX_POSITION, Batch
+from qdrank.data.batch import MAX_POSITION, Batch
 from qdrank.data.features import FeatureMap
 
 

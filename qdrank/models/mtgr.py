@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from qdrank.data.dataset import Batch
+from qdrank.data.batch import Batch
 from qdrank.data.features import FeatureMap
 from qdrank.models.base import RankModel, RequestState
 from qdrank.models.hstu import HSTUConfig, stack_from_config

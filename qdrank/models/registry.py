@@ -1,4 +1,4 @@
-"""Model registry: ``configs/models/NAME.yaml`` names the class (``class: module:Class``) and its
+"""Model registry: ``qdrank/configs/models/NAME.yaml`` names the class (``class: module:Class``) and its
 defaults, so a new model is one file plus one config entry. Checkpoints store only the model name;
 the class always comes from these packaged configs, never from a checkpoint file."""
 
@@ -6,10 +6,14 @@ from __future__ import annotations
 
 import importlib
 from functools import cache
+from typing import TYPE_CHECKING
 
 import yaml
 
-from qdrank.config import CONFIG_DIR, ModelConfig
+from qdrank.configs import CONFIG_DIR
+
+if TYPE_CHECKING:
+    from qdrank.config import ModelConfig
 
 
 @cache

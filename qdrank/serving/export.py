@@ -13,16 +13,15 @@ from __future__ import annotations
 
 import json
 import warnings
-from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from qdrank.data.dataset import Batch
+from qdrank.data.batch import TENSOR_FIELDS, Batch
 
-INPUT_NAMES = [f.name for f in fields(Batch)]
+INPUT_NAMES = list(TENSOR_FIELDS)
 OUTPUT_NAMES = ["ctr_logit", "cvr_logit"]
 FORMATS = ("onnx", "torchscript")
 

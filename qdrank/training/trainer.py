@@ -8,62 +8,21 @@ resumed from the state saved after epoch k continues exactly as the uninterrupte
 from __future__ import annotations
 
 import json
-import os
-import random
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
 from qdrank.config import RunConfig
 from qdrank.data.dataset import SearchLogDataset
-from qdrank.evaluation.metrics import RankingMetrics
+from qdrank.evaluation.evaluate import evaluate, selection_metric
 from qdrank.models.base import RankModel
 from qdrank.models.registry import model_class
 from qdrank.training import checkpoint as ckpt
 from qdrank.utils.io import to_jsonable
-
-
-@dataclass
-class DistContext:
-    rank: int = 0
-    world: int = 1
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-SINGLE_PROCESS = DistContext()
-
-
-def init_distributed(device: torch.device) -> DistContext:
-    """Join the process group when launched by torchrun (WORLD_SIZE > 1)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return DistContext()
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return DistContext(dist.get_rank(), dist.get_world_size())
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            local = int(os.environ.get("LOCAL_RANK", "0"))
-            return torch.device(f"cuda:{local}")
-        return torch.device("cpu")
-    return torch.device(name)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+from qdrank.utils.runtime import init_distributed, resolve_device, seed_everything
 
 
 def build_model(cfg: RunConfig, ds: SearchLogDataset) -> RankModel:
@@ -71,69 +30,6 @@ def build_model(cfg: RunConfig, ds: SearchLogDataset) -> RankModel:
     model = model_class(cfg.model_name)(ds.fmap, cfg.model)
     model.emb.set_item_tables(*ds.item_tables())
     return model
-
-
-@torch.inference_mode()
-def predict(model: RankModel, ds: SearchLogDataset, split: str, batch_size: int, device: torch.device,
-            ctx: DistContext = SINGLE_PROCESS, progress: bool = False) -> dict[str, np.ndarray]:
-    """Scores of every impression of ``split`` (gathered over ranks): logits, labels, groups."""
-    model.eval()
-    out: dict[str, list] = {k: [] for k in ("ctr", "cvr", "imp")}
-    groups = ds.batch_rows(split, batch_size, rank=ctx.rank, world=ctx.world)
-    for rows in tqdm(groups, desc=f"eval {split}", disable=not progress, leave=False):
-        b = ds.make_batch(rows).to(device)
-        o = model(b)  # logged positions known: full model (see PositionBias)
-        out["ctr"].append(o.ctr_logit.float().cpu().numpy())
-        out["cvr"].append(o.cvr_logit.float().cpu().numpy())
-        out["imp"].append(ds.candidate_index(rows))
-    res = {k: np.concatenate(v) if v else np.zeros(0) for k, v in out.items()}
-    if ctx.world > 1:
-        parts: list = [None] * ctx.world
-        dist.all_gather_object(parts, res)
-        res = {k: np.concatenate([p[k] for p in parts]) for k in res}
-    order = np.argsort(res["imp"], kind="stable")
-    return {k: v[order] for k, v in res.items()}
-
-
-def metrics_from_predictions(ds: SearchLogDataset, pred: dict[str, np.ndarray]) -> dict:
-    """CTR metrics on all impressions; CVR on clicked impressions with a known purchase."""
-    imp = pred["imp"].astype(np.int64)
-    req_of_imp = np.repeat(np.arange(len(ds.imp_start)), ds.imp_end - ds.imp_start)
-    groups = req_of_imp[imp]
-    click = ds.click[imp]
-    out = {}
-    m = RankingMetrics(scores_are_logits=True)
-    m.update(click, pred["ctr"], groups)
-    out.update({f"ctr_{k}": v for k, v in m.compute().items()})
-    cm = (click > 0) & (ds.purchase[imp] >= 0)
-    if ds.fmap.has_purchase and cm.any():
-        m = RankingMetrics(scores_are_logits=True)
-        m.update(ds.purchase[imp][cm], pred["cvr"][cm], groups[cm])
-        out.update({f"cvr_{k}": v for k, v in m.compute().items()})
-    if "true_ctr" in ds.oracle:
-        m = RankingMetrics()
-        m.update(click, ds.oracle["true_ctr"][imp], groups, probs=ds.oracle["true_ctr"][imp])
-        out.update({f"oracle_ctr_{k}": v for k, v in m.compute().items() if k in ("auc", "gauc", "gauc_w")})
-        if "true_cvr" in ds.oracle and cm.any():
-            m = RankingMetrics()
-            p = ds.oracle["true_cvr"][imp][cm]
-            m.update(ds.purchase[imp][cm], p, groups[cm], probs=p)
-            out.update({f"oracle_cvr_{k}": v for k, v in m.compute().items() if k in ("auc", "gauc", "gauc_w")})
-    return out
-
-
-def evaluate(model: RankModel, ds: SearchLogDataset, split: str, batch_size: int, device: torch.device,
-             ctx: DistContext = SINGLE_PROCESS, progress: bool = False) -> dict:
-    return metrics_from_predictions(ds, predict(model, ds, split, batch_size, device, ctx, progress))
-
-
-def selection_metric(metrics: dict) -> float:
-    """Validation GAUC (unweighted); AUC where no request has mixed labels."""
-    for key in ("ctr_gauc", "ctr_auc"):
-        v = metrics.get(key, float("nan"))
-        if v == v:
-            return float(v)
-    return -0.5  # nothing measurable: keep the first epoch, then stop on patience
 
 
 class Trainer:
@@ -187,7 +83,7 @@ class Trainer:
             bar = tqdm(groups, desc=f"epoch {epoch + 1}/{t.max_epochs}", disable=not (t.progress and self.ctx.main),
                        unit="batch", dynamic_ncols=True)
             for rows in bar:
-                b = ds.make_batch(rows).to(self.device)
+                b = ds.make_batch(rows, self.model.extra_inputs).to(self.device)
                 out = self.net(b)
                 loss, _ = self.model.loss(b, out, t.cvr_weight)
                 self.optimizer.zero_grad(set_to_none=True)

@@ -1,0 +1,83 @@
+"""The tensors of one request-major batch, and the registry of optional model inputs.
+
+A batch holds R whole requests (user, query, context, history) and their N candidates, with
+``cand_req`` pointing each candidate at its request row. The fixed fields below are what every
+model may read. A model that needs one more input does not touch this class, the dataset, the
+trainer or serving: it registers a builder with :func:`batch_input` and lists its name in
+``RankModel.extra_inputs``; the builder's output arrives in ``batch.extra[name]``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+if TYPE_CHECKING:
+    from qdrank.data.dataset import SearchLogDataset
+
+MAX_POSITION = 64
+
+@dataclass
+class Batch:
+    """Tensors of a group of requests and their candidates (R requests, N candidates, L history)."""
+
+    request_id: torch.Tensor     # [R] original request ids
+    user_sparse: torch.Tensor    # [R, Su] profile ids (user_id included)
+    user_dense: torch.Tensor     # [R, Nu]
+    ctx_sparse: torch.Tensor     # [R, Sc] request context ids
+    ctx_dense: torch.Tensor      # [R, Nc]
+    query: torch.Tensor          # [R, Q] hashed query word/bigram ids, 0 = pad
+    hist_item: torch.Tensor      # [R, L] item rows, chronological, left-aligned, 0 = pad
+    hist_sparse: torch.Tensor    # [R, L, Sb] behaviour feature ids (action, ...)
+    hist_dense: torch.Tensor     # [R, L, Nb]
+    hist_query: torch.Tensor     # [R, L, Qb] hashed ids of the query each behaviour came from
+    hist_time: torch.Tensor      # [R, L] log2 bucket of (request time - behaviour time), 0 = pad
+    hist_len: torch.Tensor       # [R] true history length
+    cand_req: torch.Tensor       # [N] request row of each candidate
+    cand_item: torch.Tensor      # [N] item rows
+    cand_sparse: torch.Tensor    # [N, Sk] candidate (impression) feature ids
+    cand_dense: torch.Tensor     # [N, Nk]
+    position: torch.Tensor       # [N] shown position + 1, 0 = unknown (serving)
+    click: torch.Tensor          # [N] float 0/1
+    purchase: torch.Tensor       # [N] float 0/1, -1 = unknown
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)  # registered inputs (batch_input)
+
+    def to(self, device: torch.device | str) -> Batch:
+        moved: dict[str, Any] = {f.name: getattr(self, f.name).to(device, non_blocking=True)
+                                 for f in fields(self) if f.name != "extra"}
+        return Batch(**moved, extra={k: v.to(device, non_blocking=True) for k, v in self.extra.items()})
+
+    @property
+    def n_requests(self) -> int:
+        return int(self.request_id.shape[0])
+
+    @property
+    def hist_mask(self) -> torch.Tensor:
+        return self.hist_item > 0
+
+
+TENSOR_FIELDS = [f.name for f in fields(Batch) if f.name != "extra"]
+
+# name -> builder(dataset, request rows, impression indices of their candidates) -> array
+BatchInputBuilder = Callable[["SearchLogDataset", np.ndarray, np.ndarray], np.ndarray]
+_INPUTS: dict[str, BatchInputBuilder] = {}
+
+
+def batch_input(name: str) -> Callable[[BatchInputBuilder], BatchInputBuilder]:
+    """Register an optional batch input, built only for models that list ``name`` in ``extra_inputs``."""
+
+    def register(fn: BatchInputBuilder) -> BatchInputBuilder:
+        if name in _INPUTS and _INPUTS[name] is not fn:
+            raise ValueError(f"batch input {name!r} is registered twice")
+        _INPUTS[name] = fn
+        return fn
+
+    return register
+
+
+def batch_inputs() -> dict[str, BatchInputBuilder]:
+    return dict(_INPUTS)
