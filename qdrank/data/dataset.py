@@ -72,7 +72,7 @@ class SearchLogDataset:
         self.cfg = cfg
         log = log or (lambda m: print(m, file=sys.stderr))
         arrow = schema.read_tables(self.path)
-        self.report = schema.validate_dataset(self.path, arrow)
+        self.report = schema.validate_dataset(self.path, arrow, cfg.split)
         for w in self.report.warnings:
             log(f"warning: {w}")
         spec = schema.load_spec(self.path)
@@ -89,6 +89,8 @@ class SearchLogDataset:
         else:
             split = split_by_time(req["timestamp"].to_numpy(), cfg.split)
         self.split = split
+        if fmap is None:  # training needs every split: refuse before any work
+            schema.require_splits(req, imp, cfg.split)
         train_req = req[split == 0]
         if len(train_req) == 0:
             raise schema.DatasetError(schema.REQUESTS, "no request falls in the train split")

@@ -90,9 +90,9 @@ def _item_labels(fmap, model, items: torch.Tensor) -> list[str]:
     """Category name of each history item where the data has one, else its id."""
     cat = fmap.has_category
     names = []
-    if cat and fmap.features[cat].type in ("categorical", "list"):
+    start = next((s for ff, s, _ in fmap.slot_layout("item") if ff.name == cat), None)  # None: not an item feature
+    if start is not None and fmap.features[cat].type in ("categorical", "list"):
         f = fmap.features[cat]
-        start = next(s for ff, s, _ in fmap.slot_layout("item") if ff.name == cat)
         ids = model.emb.item_sparse[items, start].tolist()
         for i, gid in zip(items.tolist(), ids):
             local = gid - f.offset - 1
