@@ -12,10 +12,16 @@ from qdrank.data import schema
 from qdrank.data.dataset import SPLIT_CODES, history_bounds, split_by_time
 
 
+def _stat(x: np.ndarray, f, default: float = float("nan")) -> float:
+    """``f(x)`` or ``default`` for an empty array (numpy raises on min/max/percentile of nothing)."""
+    return float(f(x)) if len(x) else default
+
+
 def inspect_dataset(path: Path, cfg: DataConfig | None = None) -> dict:
+    """Validate (a broken dataset raises :class:`schema.DatasetError`, never a numpy error), then count."""
     cfg = cfg or DataConfig()
     arrow = schema.read_tables(path)
-    rep = schema.validate_dataset(path, arrow)
+    rep = schema.validate_dataset(path, arrow, cfg.split)
     req = arrow[schema.REQUESTS].to_pandas()
     imp = arrow[schema.IMPRESSIONS].to_pandas()
     beh = arrow[schema.BEHAVIORS].select(["user_id", "item_id", "timestamp", "action"]).to_pandas()
@@ -34,23 +40,25 @@ def inspect_dataset(path: Path, cfg: DataConfig | None = None) -> dict:
         "requests": len(req), "impressions": len(imp), "behaviors": len(beh),
         "users": int(req["user_id"].nunique()),
         "items": int(pd.concat([imp["item_id"], beh["item_id"]]).nunique()),
-        "candidates_per_request": {"mean": float(per_req.mean()), "min": int(per_req.min()), "max": int(per_req.max())},
-        "positives": {"click": int(imp["click"].sum())},
-        "ctr": float(imp["click"].mean()),
+        "candidates_per_request": {"mean": _stat(per_req, np.mean), "min": int(_stat(per_req, np.min, 0)),
+                                   "max": int(_stat(per_req, np.max, 0))},
+        "positives": {"click": int(imp["click"].astype("float64").sum())},
+        "ctr": _stat(imp["click"].to_numpy(dtype=np.float64), np.mean),
         "queries_empty_fraction": float((req["query"].fillna("") == "").mean()),
-        "history_length": {"mean": float(hist.mean()), "p50": float(np.percentile(hist, 50)),
-                           "p90": float(np.percentile(hist, 90)), "max": int(hist.max()),
-                           "zero_fraction": float((hist == 0).mean()),
-                           f"truncated_at_{cfg.max_history}": float((hist > cfg.max_history).mean())},
+        "history_length": {"mean": _stat(hist, np.mean), "p50": _stat(hist, lambda h: np.percentile(h, 50)),
+                           "p90": _stat(hist, lambda h: np.percentile(h, 90)), "max": int(_stat(hist, np.max, 0)),
+                           "zero_fraction": _stat(hist == 0, np.mean),
+                           f"truncated_at_{cfg.max_history}": _stat(hist > cfg.max_history, np.mean)},
         "split": {name: int((split == code).sum()) for name, code in SPLIT_CODES.items()},
         "split_source": "column" if "split" in req.columns else f"by time {list(cfg.split)}",
         "actions": {str(k): int(v) for k, v in beh["action"].value_counts().items()},
         "warnings": rep.warnings,
     }
     if "purchase" in imp.columns:
-        out["positives"]["purchase"] = int(imp["purchase"].fillna(0).sum())
-        clicked = imp[imp["click"] == 1]
-        out["cvr_on_clicks"] = float(clicked["purchase"].mean()) if len(clicked) else float("nan")
+        purchase = imp["purchase"].astype("float64")
+        out["positives"]["purchase"] = int(purchase.fillna(0).sum())
+        clicked = purchase[imp["click"].to_numpy() == 1]
+        out["cvr_on_clicks"] = float(clicked.mean()) if clicked.notna().any() else float("nan")
     return out
 
 

@@ -84,7 +84,7 @@ def _where(file: str, column: str | None = None, row: int | None = None, value: 
     if row is not None:
         where += f", row {row}"
         if value is not None:
-            r = repr(value)
+            r = repr(value.item() if isinstance(value, np.generic) else value)
             where += f" (value {r[:60] + '...' if len(r) > 60 else r})"
     return where
 
@@ -163,7 +163,7 @@ def _check_not_null(file: str, df: pd.DataFrame, column: str) -> None:
 
 def _check_binary(file: str, table: pa.Table, df: pd.DataFrame, column: str, allow_null: bool) -> None:
     t = table.schema.field(column).type
-    if _kind(t) not in ("int", "float", "bool"):
+    if _kind(t) not in ("int", "float", "bool", "null"):
         nn = df[column].notna().to_numpy()
         r = _first_row(nn) if nn.any() else None
         raise DatasetError(file, f"labels stored as {t}, expected integers 0/1", column, r,
@@ -200,7 +200,7 @@ def _check_id_strings(file: str, table: pa.Table, column: str) -> None:
         r = _first_row(bad)
         v = col[r].as_py()
         what = "empty string" if v == "" else f"{len(v)} characters, longer than the {MAX_ID_CHARS} serving accepts"
-        raise DatasetError(file, f"{what} (such a {column} could never be served)", column, r, v,
+        raise DatasetError(file, f"{what} (serving could never accept this {column})", column, r, v,
                            hint="map long keys to short ones (e.g. a hash) in every table alike" if v
                            else "use null-free, non-empty keys")
 
@@ -371,7 +371,7 @@ def validate_dataset(path: str | os.PathLike, tables: dict[str, pa.Table] | None
         _check_binary(IMPRESSIONS, imp_t, imp, "purchase", allow_null=True)
         bought = (imp["purchase"].to_numpy(dtype=np.float64, na_value=0.0) == 1) & (click == 0)
         if bought.any():
-            raise DatasetError(IMPRESSIONS, f"purchase 1 on an impression with click 0 ({int(bought.sum())} rows): "
+            raise DatasetError(IMPRESSIONS, f"purchase 1 on an impression with click 0 ({int(bought.sum())} such rows): "
                                "purchase is post-click conversion, so it would be ignored", "purchase",
                                _first_row(bought), hint="set click=1 on purchased impressions (or purchase=null)")
     if not (click == 1).any() or not (click == 0).any():
@@ -557,7 +557,7 @@ def _check_numeric(table: str, col: str, series: pd.Series, kind: str, warnings:
     junk = nn & np.isnan(x)
     if junk.any():
         r = _first_row(junk)
-        raise DatasetError(table, f"numeric feature holds non-numeric values ({int(junk.sum())} rows)", col, r,
+        raise DatasetError(table, f"numeric feature holds non-numeric values ({int(junk.sum())} such rows)", col, r,
                            series.iloc[r], hint="clean the column (null for missing), or declare it categorical")
     inf = np.isinf(x)
     if inf.any():

@@ -1,0 +1,357 @@
+"""A corpus of corrupted datasets: each is a small valid dataset with one mistake, and each has its
+verdict (refused with a message naming file and column, or accepted with a warning naming them).
+
+The verdicts are the documented ones (README "Validation"): what can only be a mistake is refused,
+what is merely suspicious is warned about.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from qdrank.config import DataConfig
+from qdrank.data import schema
+from qdrank.data.schema import DatasetError, validate_dataset
+
+REQ, IMP, BEH, ITEMS, USERS = (schema.REQUESTS, schema.IMPRESSIONS, schema.BEHAVIORS, schema.ITEMS,
+                               schema.USERS)
+T0 = 1_700_000_000
+N_REQ = 40
+
+
+def clean() -> tuple[dict[str, pd.DataFrame], dict]:
+    """A valid dataset using every part of the format: 4 users, 40 requests an hour apart, 3
+    candidates each (one clicked, purchases known on clicks), histories, items, users, a spec."""
+    k = np.arange(N_REQ)
+    req = pd.DataFrame({
+        "request_id": 100 + k, "user_id": [f"u{i % 4}" for i in k], "timestamp": T0 + 3600 * k,
+        "query": [["red shoes", "phone", "", "lamp"][i % 4] for i in k],
+        "device": [["mobile", "desktop"][i % 2] for i in k],
+        "filters": [[["cheap"], [], ["cheap", "new"]][i % 3] for i in k],
+    })
+    rows = []
+    for i in k:
+        for j in range(3):
+            clicked = int(j == i % 3)
+            rows.append((100 + i, f"i{(3 * i + j) % 10}", j, clicked, float(i % 2) if clicked else None,
+                         10.0 + 1.5 * ((3 * i + j) % 10)))
+    imp = pd.DataFrame(rows, columns=["request_id", "item_id", "position", "click", "purchase", "price"])
+    clicks = imp[imp["click"] == 1].merge(req[["request_id", "user_id", "timestamp", "query"]], on="request_id")
+    views = pd.DataFrame({"user_id": [f"u{u}" for u in range(4) for _ in range(3)],
+                          "item_id": [f"i{(u + m) % 10}" for u in range(4) for m in range(3)],
+                          "timestamp": [T0 - 1000 * (m + 1) for _ in range(4) for m in range(3)],
+                          "action": "view", "query": "shoes"})
+    beh = pd.concat([views, clicks[["user_id", "item_id", "timestamp"]].assign(action="click",
+                                                                                query=clicks["query"])],
+                    ignore_index=True)
+    items = pd.DataFrame({"item_id": [f"i{i}" for i in range(10)], "category": [f"c{i % 3}" for i in range(10)],
+                          "title": [f"item number {i}" for i in range(10)]})
+    users = pd.DataFrame({"user_id": [f"u{u}" for u in range(4)], "age": ["18-24", "25-34", "35-44", "25-34"]})
+    spec = {"features": {"price": {"type": "numeric"}, "filters": {"type": "list"}, "title": {"type": "text"},
+                         "category": {"type": "categorical"}, "age": {"type": "categorical"},
+                         "device": {"type": "categorical"}},
+            "gate": ["age", "device"], "category": "category"}
+    return {REQ: req, IMP: imp, BEH: beh, ITEMS: items, USERS: users}, spec
+
+
+def write(path: Path, tables: dict[str, pd.DataFrame], spec: dict | str | None) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    for name, df in tables.items():
+        df.to_parquet(path / name, index=False)
+    if spec is not None:
+        (path / schema.SPEC).write_text(spec if isinstance(spec, str) else yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+# ---- corruptions: each edits (tables, spec) in place ------------------------------------------
+Fix = Callable[[dict[str, pd.DataFrame], dict], object]
+
+
+def col(table: str, name: str, fn) -> Fix:
+    """Replace column ``name`` of ``table`` by ``fn(df)``."""
+    def apply(t, s):
+        t[table] = t[table].assign(**{name: fn(t[table])})
+    return apply
+
+
+def spec_edit(fn) -> Fix:
+    return lambda t, s: fn(s)
+
+
+def rows(table: str, keep) -> Fix:
+    def apply(t, s):
+        t[table] = t[table][keep(t[table])].reset_index(drop=True)
+    return apply
+
+
+def both(*fixes: Fix) -> Fix:
+    def apply(t, s):
+        for f in fixes:
+            f(t, s)
+    return apply
+
+
+def rename_key(old: str, new: str) -> Fix:
+    def apply(t, s):
+        s[new] = s.pop(old)
+    return apply
+
+
+LONG_ID = "u" * 300
+SPLIT = ["train"] * 32 + ["valid"] * 4 + ["test"] * 4
+
+# (name, corruption, verdict, substrings of the error / of one warning)
+REFUSED = [
+    ("requests in ms, behaviours in s", col(REQ, "timestamp", lambda d: d.timestamp * 1000),
+     [REQ, "'timestamp'", "1,000x larger", "different time units", "label leak"]),
+    ("behaviours in kiloseconds (pandas 3 // 10**9)", col(BEH, "timestamp", lambda d: d.timestamp // 1000),
+     [REQ, "'timestamp'", "than those of behaviors.parquet", "different time units"]),
+    ("both tables in ms", both(col(REQ, "timestamp", lambda d: d.timestamp * 1000),
+                               col(BEH, "timestamp", lambda d: d.timestamp * 1000)),
+     [REQ, "'timestamp'", "row 0", "milliseconds", "unix seconds"]),
+    ("both tables in ns", both(col(REQ, "timestamp", lambda d: d.timestamp * 10**9),
+                               col(BEH, "timestamp", lambda d: d.timestamp * 10**9)),
+     [REQ, "'timestamp'", "nanoseconds"]),
+    ("timestamps as datetimes", col(REQ, "timestamp", lambda d: pd.to_datetime(d.timestamp, unit="s")),
+     [REQ, "'timestamp'", "expected int64", "pd.Timedelta"]),
+    ("dataset.yaml 'featurs:'", rename_key("features", "featurs"),
+     [schema.SPEC, "'featurs'", "valid keys: features, gate, category"]),
+    ("dataset.yaml 'gates:'", rename_key("gate", "gates"), [schema.SPEC, "'gates'", "valid keys"]),
+    ("feature declaration key typo", spec_edit(lambda s: s["features"].update(price={"typ": "numeric"})),
+     [schema.SPEC, "'typ'", "feature 'price'", "valid keys: type, role"]),
+    ("unknown feature type", spec_edit(lambda s: s["features"].update(price={"type": "float"})),
+     [schema.SPEC, "price", "type must be one of"]),
+    ("unknown role", spec_edit(lambda s: s["features"].update(price={"type": "numeric", "role": "candidat"})),
+     [schema.SPEC, "price", "role must be one of"]),
+    ("declared feature without column", spec_edit(lambda s: s["features"].update(pricee={"type": "numeric"})),
+     [schema.SPEC, "'pricee'", "no table has a column"]),
+    ("reserved column declared as feature", spec_edit(lambda s: s["features"].update(click={"type": "numeric"})),
+     [schema.SPEC, "'click'", "reserved column of impressions.parquet"]),
+    ("gate names unknown feature", spec_edit(lambda s: s.update(gate=["age", "devise"])),
+     [schema.SPEC, "gate", "devise"]),
+    ("category names no feature", spec_edit(lambda s: s.update(category="categroy")),
+     [schema.SPEC, "'categroy'", "not an item feature", "category"]),
+    ("category names a context feature", spec_edit(lambda s: s.update(category="device")),
+     [schema.SPEC, "'device'", "not an item feature"]),
+    ("category names a text feature", spec_edit(lambda s: s.update(category="title")),
+     [schema.SPEC, "'title'", "expected categorical or list"]),
+    ("list feature stored as strings", col(REQ, "filters", lambda d: d.filters.map("|".join)),
+     [REQ, "'filters'", "not lists", "str.split"]),
+    ("list column declared categorical", spec_edit(lambda s: s["features"].update(filters={"type": "categorical"})),
+     [REQ, "'filters'", "holds lists", "type: list"]),
+    ("junk strings in a numeric column", col(IMP, "price", lambda d: d.price.map(str).where(d.index % 7 != 3, "n/a")),
+     [IMP, "'price'", "row 3", "'n/a'", "non-numeric"]),
+    ("all-inf numeric column", col(IMP, "price", lambda d: np.full(len(d), np.inf)),
+     [IMP, "'price'", "no finite value"]),
+    ("struct feature", col(REQ, "geo", lambda d: [{"lat": 1.0, "lon": 2.0}] * len(d)),
+     [REQ, "'geo'", "unsupported type", "type: ignore"]),
+    ("same feature name in two tables", col(USERS, "device", lambda d: "mobile"),
+     ["'device'", "used by two tables"]),
+    ("negative position", col(IMP, "position", lambda d: d.position.where(d.index != 4, -5)),
+     [IMP, "'position'", "row 4", "-5", "negative"]),
+    ("position 10^12", col(IMP, "position", lambda d: d.position.where(d.index != 5, 10**12)),
+     [IMP, "'position'", "row 5", "larger than 1,000,000"]),
+    ("float positions with NaN", col(IMP, "position", lambda d: d.position.where(d.index != 2, np.nan)),
+     [IMP, "'position'", "expected int64", "Int64"]),
+    ("purchase without click", col(IMP, "purchase", lambda d: d.purchase.where(d.index != 1, 1.0)),
+     [IMP, "'purchase'", "row 1", "click 0"]),
+    ("clicks stored as strings", col(IMP, "click", lambda d: d.click.map(str)),
+     [IMP, "'click'", "labels stored as", "expected integers 0/1", "astype"]),
+    ("purchases stored as strings", col(IMP, "purchase", lambda d: d.purchase.map(lambda v: None if pd.isna(v) else str(v))),
+     [IMP, "'purchase'", "labels stored as"]),
+    ("no unclicked impressions", rows(IMP, lambda d: d.click == 1),
+     [IMP, "'click'", "every impression has click=1"]),
+    ("no clicks at all", both(col(IMP, "click", lambda d: 0), col(IMP, "purchase", lambda d: None)),
+     [IMP, "'click'", "every impression has click=0"]),
+    ("empty impressions", rows(IMP, lambda d: d.index < 0), [IMP, "has no rows"]),
+    ("empty requests", both(rows(REQ, lambda d: d.index < 0), rows(IMP, lambda d: d.index < 0)), [REQ, "has no rows"]),
+    ("user id longer than serving accepts", both(*(col(t, "user_id", lambda d: d.user_id.replace("u1", LONG_ID))
+                                                   for t in (REQ, BEH, USERS))),
+     [REQ, "'user_id'", "row 1", "300 characters", f"{schema.MAX_ID_CHARS}", "serving could never accept"]),
+    ("item id longer than serving accepts", both(*(col(t, "item_id", lambda d: d.item_id.replace("i2", "i" * 257))
+                                                   for t in (IMP, BEH, ITEMS))),
+     [IMP, "'item_id'", "257 characters"]),
+    ("empty item id", both(*(col(t, "item_id", lambda d: d.item_id.replace("i3", "")) for t in (IMP, BEH, ITEMS))),
+     [IMP, "'item_id'", "empty string"]),
+    ("empty action", col(BEH, "action", lambda d: d.action.where(d.index != 0, "")),
+     [BEH, "'action'", "row 0", "empty string"]),
+    ("duplicate request id", col(REQ, "request_id", lambda d: d.request_id.where(d.index != 7, 100)),
+     [REQ, "'request_id'", "row 7", "duplicate"]),
+    ("impression of unknown request", col(IMP, "request_id", lambda d: d.request_id.where(d.index != 9, 999)),
+     [IMP, "'request_id'", "row 9", "unknown request"]),
+]
+
+WARNED = [
+    ("behaviours after the last request", col(BEH, "timestamp", lambda d: d.timestamp + 10**8),
+     [BEH, "'timestamp'", "later than the last request", "never enter a history"]),
+    ("timestamps in the far future", both(col(REQ, "timestamp", lambda d: d.timestamp + 200 * 31_556_952),
+                                          col(BEH, "timestamp", lambda d: d.timestamp + 200 * 31_556_952)),
+     [REQ, "'timestamp'", "in the future", "latest: year 22"]),
+    ("empty valid split (split column)", col(REQ, "split", lambda d: ["train"] * 36 + ["test"] * 4),
+     [REQ, "'split'", "valid split is empty", "from the split column"]),
+    ("empty test split (split column)", col(REQ, "split", lambda d: ["train"] * 36 + ["valid"] * 4),
+     [REQ, "'split'", "test split is empty"]),
+    ("empty train and valid splits (time split, one timestamp)", both(
+        col(REQ, "timestamp", lambda d: T0 + 3600 * N_REQ), col(BEH, "timestamp", lambda d: d.timestamp.clip(upper=T0))),
+     [REQ, "'timestamp'", "train split is empty", "time split 0.8/0.1/0.1 of 1 distinct"]),
+    ("a single training request", col(REQ, "split", lambda d: ["train"] + ["valid"] * 20 + ["test"] * 19),
+     [REQ, "train split holds a single request"]),
+    ("valid split without clicks", both(col(REQ, "split", lambda d: SPLIT),
+                                        col(IMP, "click", lambda d: d.click.where(d.request_id < 132, 0)),
+                                        col(IMP, "purchase", lambda d: d.purchase.where(d.request_id < 132, None))),
+     [IMP, "'click'", "of the valid split has click=0", "AUC is undefined"]),
+    ("label-only column (dwell time on clicks only)", col(IMP, "dwell_s", lambda d: np.where(d.click == 1, 30.0, np.nan)),
+     [IMP, "'dwell_s'", "clicked impressions only", "label-only"]),
+    ("copy of the click label", col(IMP, "was_clicked", lambda d: d.click.map({0: "no", 1: "yes"})),
+     [IMP, "'was_clicked'", "copy of the click label"]),
+    ("NaN-only numeric column", col(IMP, "price", lambda d: np.nan),
+     [IMP, "'price'", "holds no value", "type: ignore"]),
+    ("some inf values", col(IMP, "price", lambda d: d.price.where(d.index != 6, -np.inf)),
+     [IMP, "'price'", "row 6", "+/-inf"]),
+    ("user ids formatted differently in behaviours", col(BEH, "user_id", lambda d: "user_" + d.user_id.str[1:]),
+     [BEH, "'user_id'", "no value matches a user_id of requests.parquet", "no request has a history"]),
+    ("item ids formatted differently in items.parquet", col(ITEMS, "item_id", lambda d: "item_" + d.item_id.str[1:]),
+     [ITEMS, "'item_id'", "no value matches", "never reach a candidate"]),
+    ("user ids formatted differently in users.parquet", col(USERS, "user_id", lambda d: d.user_id.str.upper()),
+     [USERS, "'user_id'", "no value matches", "profiles never reach a request"]),
+    ("duplicate impressions", col(IMP, "item_id", lambda d: d.item_id.where(d.index != 1, d.item_id.iloc[0])),
+     [IMP, "'item_id'", "row 1", "repeat an item"]),
+    ("requests without impressions", rows(IMP, lambda d: d.request_id != 110),
+     [REQ, "'request_id'", "1 requests have no impressions"]),
+]
+
+
+def test_corpus_is_large_enough():
+    assert len(REFUSED) + len(WARNED) >= 30
+    assert len({n for n, *_ in REFUSED + WARNED}) == len(REFUSED) + len(WARNED)
+
+
+def test_clean_dataset_passes_without_warning(tmp_path):
+    t, spec = clean()
+    rep = validate_dataset(write(tmp_path / "d", t, spec))
+    assert rep.warnings == []
+    assert (rep.n_requests, rep.n_impressions) == (N_REQ, 3 * N_REQ) and rep.has_purchase
+
+
+def corrupted(tmp_path: Path, fix: Fix) -> Path:
+    t, spec = clean()
+    fix(t, spec)
+    return write(tmp_path / "d", t, spec)
+
+
+@pytest.mark.parametrize("name,fix,expected", REFUSED, ids=[c[0] for c in REFUSED])
+def test_refused(tmp_path, name, fix, expected):
+    with pytest.raises(DatasetError) as e:
+        validate_dataset(corrupted(tmp_path, fix))
+    msg = str(e.value)
+    assert "\n" not in msg
+    for part in expected:
+        assert part in msg, (part, msg)
+
+
+@pytest.mark.parametrize("name,fix,expected", WARNED, ids=[c[0] for c in WARNED])
+def test_warned(tmp_path, name, fix, expected):
+    rep = validate_dataset(corrupted(tmp_path, fix))
+    hits = [w for w in rep.warnings if all(p in w for p in expected)]
+    assert hits, (expected, rep.warnings)
+
+
+# ---- training refuses empty splits; a bad category is caught before explain ----------------------
+@pytest.mark.parametrize("name", ["empty valid split (split column)", "empty test split (split column)",
+                                  "empty train and valid splits (time split, one timestamp)",
+                                  "a single training request"])
+def test_training_refuses_missing_split(tmp_path, name):
+    from qdrank.data.dataset import SearchLogDataset
+
+    fix = next(f for n, f, _ in WARNED if n == name)
+    with pytest.raises(DatasetError, match=r"requests\.parquet.* split holds [01] request.*training needs"):
+        SearchLogDataset(corrupted(tmp_path, fix), DataConfig(), log=lambda m: None)
+
+
+def test_training_split_check_uses_the_configured_fractions(tmp_path):
+    from qdrank.data.dataset import SearchLogDataset
+
+    d = write(tmp_path / "d", *clean())
+    ds = SearchLogDataset(d, DataConfig(split=(0.5, 0.25, 0.25)), log=lambda m: None)
+    assert [len(ds.requests_of(s)) for s in ("train", "valid", "test")] == [20, 10, 10]
+    with pytest.raises(DatasetError, match="the valid split holds 0 requests"):
+        SearchLogDataset(d, DataConfig(split=(0.99, 0.0, 0.01)), log=lambda m: None)
+
+
+def test_explain_labels_survive_a_stale_category(tiny_dataset):
+    """A checkpoint whose category is not an item feature labels items by id instead of a KeyError."""
+    import torch
+
+    from qdrank.evaluation.explain import _item_labels
+
+    fmap = dataclasses.replace(tiny_dataset[1].fmap, has_category="no_such_feature")
+    assert _item_labels(fmap, None, torch.tensor([2, 3])) == fmap.item_vocab[:2]
+
+
+# ---- the command line: one line, no traceback ----------------------------------------------------
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "qdrank.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+def assert_one_line_error(p: subprocess.CompletedProcess, *parts: str) -> None:
+    assert p.returncode in (1, 2), (p.returncode, p.stderr)
+    assert "Traceback" not in p.stderr + p.stdout
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), p.stderr
+    for part in parts:
+        assert part in lines[0], (part, lines[0])
+
+
+def test_cli_validate(tmp_path):
+    good = write(tmp_path / "good", *clean())
+    p = cli("data", "validate", str(good))
+    assert p.returncode == 0 and "warning" not in p.stdout + p.stderr, p.stdout + p.stderr
+    bad = corrupted(tmp_path / "bad", next(f for n, f, _ in REFUSED if n == "requests in ms, behaviours in s"))
+    assert_one_line_error(cli("data", "validate", str(bad)), "requests.parquet", "'timestamp'", "fix:")
+
+
+def run_main(capsys, *args: str) -> tuple[int, str, str]:
+    """``qdrank.cli.main`` in process (a subprocess per case costs seconds of imports)."""
+    from qdrank.cli import main
+
+    rc = main(list(args))
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def test_cli_validate_prints_warnings(tmp_path, capsys):
+    warned = corrupted(tmp_path, next(f for n, f, _ in WARNED if n == "copy of the click label"))
+    rc, out, err = run_main(capsys, "data", "validate", str(warned))
+    assert rc == 0 and "warning: impressions.parquet, column 'was_clicked'" in out
+
+
+@pytest.mark.parametrize("name", ["empty impressions", "clicks stored as strings", "category names no feature"])
+def test_cli_inspect_never_tracebacks(tmp_path, capsys, name):
+    d = corrupted(tmp_path, next(f for n, f, _ in REFUSED if n == name))
+    rc, out, err = run_main(capsys, "data", "inspect", str(d))
+    assert rc == 2 and out == "" and len(err.strip().splitlines()) == 1 and err.startswith("error: "), err
+
+
+def test_inspect_counts_clean_dataset(tmp_path):
+    from qdrank.data.inspect import format_inspection, inspect_dataset
+
+    d = inspect_dataset(write(tmp_path / "d", *clean()))
+    assert d["split"] == {"train": 32, "valid": 4, "test": 4} and d["positives"]["click"] == N_REQ
+    assert d["warnings"] == [] and "split train 32" in format_inspection(d)
+
+
+def test_cli_train_refuses_empty_split(tmp_path):
+    d = corrupted(tmp_path / "d", next(f for n, f, _ in WARNED if n == "empty valid split (split column)"))
+    p = cli("train", "--data", str(d), "--model", "dnn", "--out", str(tmp_path / "run"))
+    p.stderr = "\n".join(line for line in p.stderr.splitlines() if not line.startswith("warning: "))
+    assert_one_line_error(p, "requests.parquet", "valid split holds 0 requests")
+    assert not (tmp_path / "run" / "model.safetensors").exists()
