@@ -257,3 +257,14 @@ def test_trivago_csv_layout(tmp_path):
     t = read(tmp_path / "out")
     assert (t["impressions"].groupby("request_id")["click"].sum() == 1).all()
     assert [list(p) for p in t["items"]["properties"]] == [["Wifi", "Pool"], []]
+
+
+def test_real_data_warnings_are_deserved(converted):
+    """Validation warns on the real data only where the data really has the problem: the jdsearch
+    sample's 3 requests leave the valid split empty, and the AliExpress sample's training rows are
+    all clicked (so a model can only learn 'everything is clicked' from them)."""
+    warnings = {name: validate_dataset(path).warnings for name, path in converted.items()}
+    assert warnings["trivago"] == [] and warnings["movielens"] == []
+    assert len(warnings["jdsearch"]) == 1 and "the valid split is empty" in warnings["jdsearch"][0]
+    assert len(warnings["aliexpress"]) == 1
+    assert "every impression of the train split has click=1" in warnings["aliexpress"][0]
