@@ -223,6 +223,8 @@ WARNED = [
      [ITEMS, "'item_id'", "no value matches", "never reach a candidate"]),
     ("user ids formatted differently in users.parquet", col(USERS, "user_id", lambda d: d.user_id.str.upper()),
      [USERS, "'user_id'", "no value matches", "profiles never reach a request"]),
+    ("sentinel value in a numeric column", col(IMP, "price", lambda d: d.price.where(d.index != 8, -1e300)),
+     [IMP, "'price'", "row 8", "magnitude >= 1e+15", "swamp"]),
     ("duplicate impressions", col(IMP, "item_id", lambda d: d.item_id.where(d.index != 1, d.item_id.iloc[0])),
      [IMP, "'item_id'", "row 1", "repeat an item"]),
     ("requests without impressions", rows(IMP, lambda d: d.request_id != 110),

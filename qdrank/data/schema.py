@@ -66,6 +66,8 @@ MAX_ID_CHARS = 256
 TS_LIMIT = 2**40
 # Positions are 0-based ranks; anything above this is a unit or join mistake.
 MAX_POSITION_VALUE = 10**6
+# A numeric feature value this large is a sentinel (e.g. -1e300 for "missing") or a unit mistake.
+MAX_NUMERIC_VALUE = 1e15
 
 
 class DatasetError(ValueError):
@@ -567,6 +569,12 @@ def _check_numeric(table: str, col: str, series: pd.Series, kind: str, warnings:
                                hint="fix the computation that produced it, or declare it `type: ignore`")
         warnings.append(_warning(table, f"{int(inf.sum())} values are +/-inf (they are read as missing)", col, r, x[r],
                                  hint="write null for a missing value"))
+    huge = np.isfinite(x) & (np.abs(x) >= MAX_NUMERIC_VALUE)
+    if huge.any():
+        r = _first_row(huge)
+        warnings.append(_warning(table, f"{int(huge.sum())} values of magnitude >= {MAX_NUMERIC_VALUE:.0e} (a sentinel "
+                                 "or unit mistake?): they swamp the standardisation of the others", col, r, x[r],
+                                 hint="write null for a missing value, or rescale the column"))
 
 
 def _check_label_leak(col: str, series: pd.Series, nn: np.ndarray, click: np.ndarray, warnings: list[str]) -> None:
