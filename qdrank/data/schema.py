@@ -448,7 +448,10 @@ def validate_dataset(path: str | os.PathLike, tables: dict[str, pa.Table] | None
                                  else "its profiles never reach a request")
 
     _check_timestamps(req["timestamp"].to_numpy(dtype=np.int64), beh["timestamp"].to_numpy(dtype=np.int64), warnings)
-    _check_features(tables, spec, click, warnings)
+    labels = {"click": click}
+    if "purchase" in imp.columns:
+        labels["purchase"] = imp["purchase"].to_numpy(dtype=np.float64, na_value=0.0)
+    _check_features(tables, spec, labels, warnings)
     _check_splits(req, imp, has_imp, click, split, warnings)
 
     return ValidationReport(
@@ -511,7 +514,7 @@ def _check_timestamps(req_ts: np.ndarray, beh_ts: np.ndarray, warnings: list[str
                                      hint="check that both tables use the same clock (unit, epoch, time zone)"))
 
 
-def _check_features(tables: dict[str, pa.Table], spec: dict, click: np.ndarray, warnings: list[str]) -> None:
+def _check_features(tables: dict[str, pa.Table], spec: dict, labels: dict[str, np.ndarray], warnings: list[str]) -> None:
     """Each feature column holds what its (declared or inferred) type needs."""
     declared = spec.get("features", {})
     for table, tab in tables.items():
@@ -550,7 +553,7 @@ def _check_features(tables: dict[str, pa.Table], spec: dict, click: np.ndarray, 
                 warnings.append(_warning(table, "holds no value (all null): the feature carries nothing", col,
                                          hint=f"fill it, or declare `{col}: {{type: ignore}}` in dataset.yaml"))
             elif table == IMPRESSIONS:
-                _check_label_leak(col, series, nn, click, warnings)
+                _check_label_leak(col, series, nn, labels, warnings)
 
 
 def _check_numeric(table: str, col: str, series: pd.Series, kind: str, warnings: list[str]) -> None:
@@ -577,21 +580,26 @@ def _check_numeric(table: str, col: str, series: pd.Series, kind: str, warnings:
                                  hint="write null for a missing value, or rescale the column"))
 
 
-def _check_label_leak(col: str, series: pd.Series, nn: np.ndarray, click: np.ndarray, warnings: list[str]) -> None:
-    """A candidate feature that is set only on clicked rows, or recodes the click, leaks the label."""
-    pos, neg = click == 1, click == 0
-    if pos.sum() < 5 or neg.sum() < 5:
-        return
+def _check_label_leak(col: str, series: pd.Series, nn: np.ndarray, labels: dict[str, np.ndarray],
+                      warnings: list[str]) -> None:
+    """A candidate feature that is set only on clicked (purchased) rows, or recodes the label, leaks it."""
     hint = f"drop it, or declare `{col}: {{type: ignore}}` if it is not a feature"
-    if nn.all() and not isinstance(series.iloc[0], list | tuple | np.ndarray):
-        codes, uniq = pd.factorize(series)
-        if len(uniq) <= 2 and all(np.ptp(click[codes == k]) == 0 for k in range(len(uniq))):
-            warnings.append(_warning(IMPRESSIONS, "the feature is a copy of the click label (each value occurs "
-                                     "with one click value only): the model would read the label", col, hint=hint))
-    elif (nn == pos).all() or (nn == neg).all():
-        which = "clicked" if (nn == pos).all() else "unclicked"
-        warnings.append(_warning(IMPRESSIONS, f"the feature is set on {which} impressions only (a label-only column, "
-                                 "known only after the click): the model would read the label", col, hint=hint))
+    for label, y in labels.items():
+        pos, neg = y == 1, y == 0
+        if pos.sum() < 5 or neg.sum() < 5:
+            continue
+        done = "clicked" if label == "click" else "purchased"
+        if nn.all() and not isinstance(series.iloc[0], list | tuple | np.ndarray):
+            codes, uniq = pd.factorize(series)
+            if len(uniq) <= 2 and all(np.ptp(y[codes == k]) == 0 for k in range(len(uniq))):
+                warnings.append(_warning(IMPRESSIONS, f"the feature is a copy of the {label} label (each value occurs "
+                                         f"with one {label} value only): the model would read the label", col, hint=hint))
+                return
+        elif (nn == pos).all() or (nn == neg).all():
+            which = done if (nn == pos).all() else f"un{done}"
+            warnings.append(_warning(IMPRESSIONS, f"the feature is set on {which} impressions only (a label-only "
+                                     f"column, known only once {done}): the model would read the label", col, hint=hint))
+            return
 
 
 def _check_splits(req: pd.DataFrame, imp: pd.DataFrame, has_imp: np.ndarray, click: np.ndarray,
