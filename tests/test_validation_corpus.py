@@ -63,12 +63,14 @@ def clean() -> tuple[dict[str, pd.DataFrame], dict]:
     return {REQ: req, IMP: imp, BEH: beh, ITEMS: items, USERS: users}, spec
 
 
-def write(path: Path, tables: dict[str, pd.DataFrame], spec: dict | str | None) -> Path:
+def write(path: Path, tables: dict[str, pd.DataFrame], spec: dict | None) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     for name, df in tables.items():
         df.to_parquet(path / name, index=False)
-    if spec is not None:
-        (path / schema.SPEC).write_text(spec if isinstance(spec, str) else yaml.safe_dump(spec, sort_keys=False))
+    if spec is not None and "_raw" in spec:  # a corruption of the file itself
+        (path / schema.SPEC).write_bytes(spec["_raw"])
+    elif spec is not None:
+        (path / schema.SPEC).write_text(yaml.safe_dump(spec, sort_keys=False))
     return path
 
 
@@ -123,6 +125,12 @@ REFUSED = [
      [REQ, "'timestamp'", "nanoseconds"]),
     ("timestamps as datetimes", col(REQ, "timestamp", lambda d: pd.to_datetime(d.timestamp, unit="s")),
      [REQ, "'timestamp'", "expected int64", "pd.Timedelta"]),
+    ("dataset.yaml not UTF-8", spec_edit(lambda s: s.update(_raw=b"features:\n  price: {type: numeric} # \xff\n")),
+     [schema.SPEC, "cannot be read", "UnicodeDecodeError", "UTF-8"]),
+    ("dataset.yaml is not YAML", spec_edit(lambda s: s.update(_raw=b"features: [price: {type\n")),
+     [schema.SPEC, "not valid YAML"]),
+    ("dataset.yaml not a mapping", spec_edit(lambda s: s.update(_raw=b"- price\n")),
+     [schema.SPEC, "must be a mapping"]),
     ("dataset.yaml 'featurs:'", rename_key("features", "featurs"),
      [schema.SPEC, "'featurs'", "valid keys: features, gate, category"]),
     ("dataset.yaml 'gates:'", rename_key("gate", "gates"), [schema.SPEC, "'gates'", "valid keys"]),

@@ -230,7 +230,11 @@ def load_spec(path: Path) -> dict:
     if not f.exists():
         return {}
     try:
-        spec = yaml.safe_load(f.read_text()) or {}
+        text = f.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise DatasetError(SPEC, f"cannot be read ({type(e).__name__}: {e})", hint="write it as a UTF-8 YAML file") from e
+    try:
+        spec = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
         raise DatasetError(SPEC, f"is not valid YAML: {' '.join(str(e).split())}") from e
     if not isinstance(spec, dict):
