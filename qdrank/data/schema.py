@@ -403,7 +403,8 @@ def validate_dataset(path: str | os.PathLike, tables: dict[str, pa.Table] | None
         warnings.append(_warning(REQUESTS, f"{int((~has_imp).sum())} requests have no impressions (ignored in "
                                  "training)", "request_id", _first_row(~has_imp), req["request_id"].iloc[_first_row(~has_imp)]))
     (rc, _), (ic, items) = pd.factorize(imp["request_id"]), pd.factorize(imp["item_id"])
-    if not pd.Index(rc.astype(np.int64) * len(items) + ic).is_unique:  # one int per pair: fast on millions
+    pair = np.sort(rc.astype(np.int64) * len(items) + ic)  # one int per pair: sorting beats hashing here
+    if (pair[1:] == pair[:-1]).any():
         dup = imp.duplicated(["request_id", "item_id"]).to_numpy()
         r = _first_row(dup)
         warnings.append(_warning(IMPRESSIONS, f"{int(dup.sum())} impressions repeat an item already shown in the "
