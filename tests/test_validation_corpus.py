@@ -278,7 +278,17 @@ def test_warned(tmp_path, name, fix, expected):
     assert hits, (expected, rep.warnings)
 
 
-# ---- training refuses empty splits; a bad category is caught before explain ----------------------
+# ---- training refuses errors and empty splits; a bad category is caught before explain -------------
+@pytest.mark.parametrize("name,fix,expected", REFUSED, ids=[c[0] for c in REFUSED])
+def test_training_refuses_every_refused_dataset(tmp_path, name, fix, expected):
+    """The loader behind train/evaluate/explain raises the same error as `qdrank data validate`."""
+    from qdrank.data.dataset import SearchLogDataset
+
+    with pytest.raises(DatasetError) as e:
+        SearchLogDataset(corrupted(tmp_path, fix), DataConfig(), log=lambda m: None)
+    assert all(part in str(e.value) for part in expected), str(e.value)
+
+
 @pytest.mark.parametrize("name", ["empty valid split (split column)", "empty test split (split column)",
                                   "empty train and valid splits (time split, one timestamp)",
                                   "a single training request"])
