@@ -2,7 +2,9 @@
 
 A dataset is a directory of Parquet tables (see README "Data format"). Every loader calls
 :func:`validate_dataset`, so a bad file fails early with the file, column and an offending row
-named, instead of silently producing empty histories or wrong labels later.
+named, and a fix, instead of silently producing empty histories, leaked labels or wrong features
+later. What can only be a mistake raises :class:`DatasetError`; what is merely suspicious becomes a
+warning of the report (README "Validation" lists both).
 """
 
 from __future__ import annotations
