@@ -126,8 +126,16 @@ def cmd_ablate(a) -> None:
 
 
 def cmd_explain(a) -> None:
-    from qdrank.evaluation.explain import explain_request
+    from qdrank.evaluation.explain import explain_request, steering
 
+    if a.steering:
+        r = steering(Path(a.run), Path(a.data) if a.data else None, a.steering, Path(a.out), split=a.split)
+        print(f"query steering over {r['measured']} {a.split} requests ({r['relevance']}): mean correlation of "
+              f"||d_t|| with relevance {r['mean_correlation']:.3f} (std {r['std_correlation']:.3f}, "
+              f"{100 * r['share_positive']:.0f}% positive); plot {r['plot']}")
+        return
+    if a.request is None:
+        raise ValueError("explain needs --request ID (one request's Figure 3) or --steering N (N requests)")
     r = explain_request(Path(a.run), Path(a.data) if a.data else None, a.request, Path(a.out))
     print(f"request {r['request_id']} (query {r['query']!r}): {len(r['items'])} history items; "
           f"correlation of P(click) and ||d_t|| = {r['correlation']:.3f}; plot {r['plot']}")
@@ -199,7 +207,10 @@ def build_parser() -> argparse.ArgumentParser:
     ex = sub.add_parser("explain", help="Figure 3 for one request: P(click) per history item vs ||d_t||")
     ex.add_argument("run")
     ex.add_argument("--data")
-    ex.add_argument("--request", type=int, required=True)
+    ex.add_argument("--request", type=int, help="one request: the paper's Figure 3")
+    ex.add_argument("--steering", type=int, metavar="N",
+                    help="N requests: mean correlation of ||d_t|| with relevance to the query")
+    ex.add_argument("--split", default="test", choices=("train", "valid", "test"))
     ex.add_argument("--out", required=True)
     ex.set_defaults(func=cmd_explain)
 

@@ -57,6 +57,34 @@ def test_ablate_and_explain_cli(tiny_data, tmp_path, capsys):
     assert png.read_bytes()[:4] == b"\x89PNG"
     assert "correlation" in capsys.readouterr().out
 
+    # steering over many requests, against the generator's ground-truth intent
+    png2 = tmp_path / "steering.png"
+    assert main(["explain", str(run), "--steering", "40", "--out", str(png2)]) == 0
+    printed = capsys.readouterr().out
+    assert "ground truth (true_intent)" in printed and "mean correlation" in printed
+    assert png2.read_bytes()[:4] == b"\x89PNG"
+    from qdrank.evaluation.explain import _relevance, steering
+
+    res = steering(run, None, 40, tmp_path / "s2.png")
+    assert res["measured"] > 10 and -1 <= res["mean_correlation"] <= 1
+    # the ground truth is exactly "the history item's category is the request's intent"
+    import pandas as pd
+
+    model, _, _ = load_model(run)
+    b = ds.make_batch(rows[:6])
+    req = pd.read_parquet(tiny_data / "requests.parquet").set_index("request_id")["true_intent"]
+    intents = [req[int(r)] for r in b.request_id]
+    rel, src = _relevance(fmap, model, b, intents)
+    items = pd.read_parquet(tiny_data / "items.parquet").set_index("item_id")["category"]
+    for r in range(b.n_requests):
+        for t in range(int(b.hist_len[r])):
+            item = int(fmap.item_vocab[int(b.hist_item[r, t]) - 2])
+            assert rel[r, t] == float(items[item] == intents[r])
+    # without ground truth: the share of the query's words found in the item's title/category
+    rel2, src2 = _relevance(fmap, model, b, [None] * b.n_requests)
+    assert "overlap" in src2 and bool(((rel2 >= 0) & (rel2 <= 1)).all())
+    assert float(rel2[b.hist_mask].mean()) > 0
+
 
 def test_explain_rejects_models_without_dynamic_interest(tiny_dataset, tmp_path):
     from conftest import tiny_config

@@ -197,7 +197,7 @@ def test_gradients_reach_query_gate_and_embeddings(tiny_dataset):
 
 
 def test_kl_weight_zero_turns_the_term_off(tiny_dataset):
-    model, _ = make_model(tiny_dataset, "model.kl_weight=0")
+    model, _ = make_model(tiny_dataset, "model.kl_weight=0", "model.denoise_loss=none")
     model.train()
     assert "aux_loss" not in model.encode_request(first_batch(tiny_dataset))
     model, _ = make_model(tiny_dataset)
@@ -304,3 +304,71 @@ def test_gate_uses_only_the_features_named_in_fmap_gate(tiny_dataset):
     d0, m = model.dynamic_interest(b)
     assert torch.equal(d0, model.dynamic_interest(users)[0])          # profile not in the gate
     assert (d0 - model.dynamic_interest(ctx)[0])[m].abs().max() > 1e-4  # device is
+
+
+# ---- issue #10: a denoiser that denoises, identifiable parts, query paths ------------------------
+def with_query(b: Batch, other: Batch) -> Batch:
+    return dataclasses.replace(b, query=other.query.roll(1, dims=0))
+
+
+def test_rms_tokens_have_unit_scale(tiny_dataset):
+    model, _ = make_model(tiny_dataset)
+    b = first_batch(tiny_dataset)
+    x0, mask, _ = model.tokens(b)
+    rms = x0.pow(2).mean(-1).sqrt()[mask]
+    torch.testing.assert_close(rms, torch.ones_like(rms), atol=1e-3, rtol=0)
+    raw, _ = make_model(tiny_dataset, "model.token_norm=none")
+    assert not torch.allclose(raw.tokens(b)[0].pow(2).mean(-1).sqrt()[mask], rms, atol=1e-2)
+
+
+def test_tokenwise_static_part_ignores_the_query(tiny_dataset):
+    model, _ = make_model(tiny_dataset)
+    randomize_injection(model)
+    model.eval()
+    b = first_batch(tiny_dataset)
+    b2 = with_query(b, b)
+    q1, q2 = model.q_proj(model.emb.query(b)), model.q_proj(model.emb.query(b2))
+    g = model.gate_input(b)
+    x0, mask, _ = model.tokens(b)
+    t = torch.full((b.n_requests,), 10, dtype=torch.long)
+    with torch.no_grad():
+        _, (s1, d1) = model.denoise(x0, t, q1, g, mask)
+        _, (s2, d2) = model.denoise(x0, t, q2, g, mask)
+    assert torch.equal(s1, s2), "the static part must not see the query"
+    assert not torch.allclose(d1, d2), "the dynamic part must"
+
+
+def test_query_in_head_false_leaves_only_the_diffusion_path(tiny_dataset):
+    b = first_batch(tiny_dataset)
+    b2 = with_query(b, b)
+    off, _ = make_model(tiny_dataset, "model.query_in_head=false")
+    # zero-initialised injection: the query has no path at all yet
+    torch.testing.assert_close(eval_scores(off, b), eval_scores(off, b2))
+    randomize_injection(off)
+    assert not torch.allclose(eval_scores(off, b), eval_scores(off, b2))
+    on, _ = make_model(tiny_dataset)
+    assert not torch.allclose(eval_scores(on, b), eval_scores(on, b2))
+
+
+@pytest.mark.parametrize("overrides", [("model.denoise_loss=x0",), ("model.denoise_loss=eps",),
+                                       ("model.train_steps=3",), ("model.static=shared",)])
+def test_denoising_objectives_train(tiny_dataset, overrides):
+    model, _ = make_model(tiny_dataset, "model.kl_weight=0", *overrides)
+    model.train()
+    b = first_batch(tiny_dataset)
+    torch.manual_seed(0)
+    st = model.encode_request(b)
+    assert "aux_loss" in st and torch.isfinite(st["aux_loss"]) and float(st["aux_loss"].detach()) > 0
+    st["aux_loss"].backward()
+    assert model.dynamic_head.weight.grad.abs().sum() > 0
+
+
+def test_reconstruction_report_compares_with_the_rescaled_input(tiny_dataset):
+    model, _ = make_model(tiny_dataset)
+    rep = model.reconstruction(first_batch(tiny_dataset))
+    assert set(rep) == {"model", "rescaled_input", "noise_std_at_T", "token_rms"}
+    ab = float(model.schedule.alpha_bar[-1])
+    assert rep["noise_std_at_T"] == pytest.approx((1 - ab) ** 0.5)
+    # the reference's error is the scaled noise: E||eps||^2/d * (1 - ab)/ab, about (1 - ab)/ab
+    assert 0.3 * (1 - ab) / ab < rep["rescaled_input"] < 3 * (1 - ab) / ab
+    assert rep["token_rms"] == pytest.approx(1.0, abs=1e-3)

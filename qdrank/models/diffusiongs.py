@@ -75,6 +75,9 @@ ALLOWED = {
     "noise": ("default", "none", "heavy"),
     "attention_impl": ("linear", "quadratic"),
     "infer_noise": ("fixed", "mean"),
+    "token_norm": ("rms", "none"),
+    "denoise_loss": ("x0", "eps", "none"),
+    "static": ("tokenwise", "shared"),
 }
 
 
@@ -92,6 +95,13 @@ class DiffusionGSConfig(ModelConfig):
     ffn_mult: int = 2
     max_positions: int = 512       # recency positions with their own embedding (older share the last)
     infer_noise: str = "fixed"     # fixed: constant-seed noise table by recency | mean: no noise at inference
+    token_norm: str = "rms"        # rms: x0 tokens scaled to unit RMS, so the betas mean what they say | none
+    denoise_loss: str = "x0"       # x0 | eps: MSE of the denoiser on valid tokens | none (the paper: KL only)
+    denoise_weight: float = 1.0    # weight of that MSE
+    static: str = "tokenwise"      # tokenwise: s from each noisy token alone, shrunk by sqrt(abar_t) (no query, no context)
+                                   # | shared: s and d two linear heads on the same UDL state (the paper)
+    query_in_head: bool = True     # the query vector in the CTR head beside the interest (eq. 13 has none)
+    train_steps: int = 1           # denoiser calls per training example from its step t down to 0
 
 
 def validate_config(cfg: DiffusionGSConfig) -> None:
@@ -103,8 +113,10 @@ def validate_config(cfg: DiffusionGSConfig) -> None:
         raise ValueError(f"model.layers={cfg.layers} must be in 1..64 (the paper studies 2..8)")
     if cfg.heads < 1 or cfg.dim % cfg.heads:
         raise ValueError(f"model.heads={cfg.heads} must be >= 1 and divide model.dim={cfg.dim}")
-    if cfg.kl_weight < 0:
-        raise ValueError(f"model.kl_weight={cfg.kl_weight} must be >= 0")
+    if cfg.kl_weight < 0 or cfg.denoise_weight < 0:
+        raise ValueError(f"model.kl_weight={cfg.kl_weight} and model.denoise_weight={cfg.denoise_weight} must be >= 0")
+    if cfg.train_steps < 1:
+        raise ValueError(f"model.train_steps={cfg.train_steps} must be >= 1")
     if cfg.kl_tau <= 0:
         raise ValueError(f"model.kl_tau={cfg.kl_tau} must be > 0")
     if cfg.ffn_mult < 1 or cfg.max_positions < 1:
@@ -213,7 +225,7 @@ class DiffusionGS(RankModel):
         self.dynamic_head = nn.Linear(d, d)
         self.denoise_steps = cfg.denoise_steps
         self._noise_table: torch.Tensor | None = None
-        self.build_head(n_request_vectors=2, n_candidate_vectors=2)
+        self.build_head(n_request_vectors=2 if cfg.query_in_head else 1, n_candidate_vectors=2)
 
     # ---- pieces -------------------------------------------------------------------------------
     def _gate_fields(self, fmap: FeatureMap) -> list[int]:
@@ -242,6 +254,8 @@ class DiffusionGS(RankModel):
         n = mask.sum(1, keepdim=True)
         rec = (n - 1 - torch.arange(mask.shape[1], device=mask.device)[None]).clamp(0, self.cfg.max_positions - 1)
         x0 = self.token_mlp(self.emb.history(b)) + self.pos(rec)
+        if self.cfg.token_norm == "rms":
+            x0 = x0 * torch.rsqrt(x0.pow(2).mean(-1, keepdim=True) + 1e-6)
         return x0 * mask.unsqueeze(-1).to(x0.dtype), mask, rec
 
     def denoise(self, x_t: torch.Tensor, t: torch.Tensor, q: torch.Tensor, gate_in: torch.Tensor,
@@ -259,7 +273,15 @@ class DiffusionGS(RankModel):
                 h = h + self.inject(q)[:, None, :] * mask.unsqueeze(-1).to(h.dtype)
         if inj == "cat":
             h = h[:, :-1]
-        s, d = self.static_head(h) * m, self.dynamic_head(h) * m
+        if self.cfg.static == "tokenwise":
+            # the static part sees one noisy token at a time, shrunk to E[x0 | x_t] = sqrt(abar_t) x_t
+            # (unit-variance tokens): it cannot depend on the query or the other behaviours, so d
+            # alone carries the query-dependent interest
+            ab = self.schedule._ab(t, x_t) if self.schedule is not None else x_t.new_ones(x_t.shape[0], 1, 1)
+            s = self.static_head(x_t * ab.sqrt()) * m
+        else:
+            s = self.static_head(h) * m
+        d = self.dynamic_head(h) * m
         return s + d, (s, d)
 
     def _inference_noise(self, rec: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -271,19 +293,47 @@ class DiffusionGS(RankModel):
             self._noise_table = tab
         return tab[rec]
 
+    def train_chain(self, x_t: torch.Tensor, t: torch.Tensor, q: torch.Tensor, gate_in: torch.Tensor,
+                    mask: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """``train_steps`` denoiser calls from each request's own step t down to 0 (strided), with
+        DDPM posterior means between them: training sees the multi-step regime inference uses."""
+        k = self.cfg.train_steps
+        x, out = x_t, self.denoise(x_t, t, q, gate_in, mask)
+        for j in range(1, k):
+            cur = (t * (k - j + 1) + k - 1) // k
+            nxt = (t * (k - j)) // k
+            x = self.schedule.posterior_mean(out[0], x, cur, nxt) * mask.unsqueeze(-1).to(x.dtype)
+            step = nxt.clamp_min(1)
+            out = self.denoise(x, step, q, gate_in, mask)
+        return out
+
     def run_diffusion(self, b: Batch, q: torch.Tensor, gate_in: torch.Tensor
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """-> (x0, x0_hat, d tokens, mask). Training: one call at a random step; eval: reverse chain."""
+        """-> (x0, x0_hat, d tokens, mask). Training: a chain from a random step; eval: reverse chain.
+
+        In training the denoising loss (``denoise_loss``) is stored in ``self._denoise_loss``."""
         x0, mask, rec = self.tokens(b)
         m = mask.unsqueeze(-1).to(x0.dtype)
         R = x0.shape[0]
         sch = self.schedule
+        self._denoise_loss = None
         if sch is None:
             x0_hat, (_, d) = self.denoise(x0, torch.zeros(R, dtype=torch.long, device=x0.device), q, gate_in, mask)
         elif self.training:
             t = sch.sample_t(R, x0.device)
-            x_t = sch.q_sample(x0, t, torch.randn(x0.shape, dtype=x0.dtype, device=x0.device)) * m
-            x0_hat, (_, d) = self.denoise(x_t, t, q, gate_in, mask)
+            eps = torch.randn(x0.shape, dtype=x0.dtype, device=x0.device)
+            x_t = sch.q_sample(x0, t, eps) * m
+            x0_hat, (_, d) = self.train_chain(x_t, t, q, gate_in, mask)
+            if self.cfg.denoise_loss != "none" and self.cfg.denoise_weight > 0:
+                target = x0.detach()
+                if self.cfg.denoise_loss == "eps":
+                    ab = sch._ab(t, x0)
+                    x0_hat_eps = (x_t - ab.sqrt() * x0_hat) / (1 - ab).sqrt()
+                    err, target = x0_hat_eps, eps
+                else:
+                    err = x0_hat
+                per_tok = (err - target).pow(2).mean(-1)
+                self._denoise_loss = (per_tok * mask).sum() / mask.sum().clamp_min(1)
         else:
             eps = self._inference_noise(rec, x0) if self.cfg.infer_noise == "fixed" else torch.zeros_like(x0)
             x_T = sch.q_sample(x0, sch.steps, eps) * m
@@ -297,15 +347,51 @@ class DiffusionGS(RankModel):
         q = self.q_proj(self.emb.query(batch))
         x0, x0_hat, d, mask = self.run_diffusion(batch, q, self.gate_input(batch, fields))
         interest = masked_mean(d, mask, 1)
-        state = {"req": torch.cat([interest, q, fields.flatten(-2)], -1), "interest": interest}
-        if self.training and self.cfg.kl_weight > 0:
-            state["aux_loss"] = self.cfg.kl_weight * token_kl(x0_hat, x0.detach(), mask, self.cfg.kl_tau)
+        req = [interest, q, fields.flatten(-2)] if self.cfg.query_in_head else [interest, fields.flatten(-2)]
+        state = {"req": torch.cat(req, -1), "interest": interest}
+        if self.training:
+            aux = []
+            if self.cfg.kl_weight > 0:
+                aux.append(self.cfg.kl_weight * token_kl(x0_hat, x0.detach(), mask, self.cfg.kl_tau))
+            if self._denoise_loss is not None:
+                aux.append(self.cfg.denoise_weight * self._denoise_loss)
+            if aux:
+                state["aux_loss"] = torch.stack(aux).sum()
         return state
 
     def score(self, state: RequestState, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         c = self.emb.candidate(batch)
         x = self.head_input(batch, [state["req"]], [c, c * state["interest"][batch.cand_req]])
         return self.head(x)
+
+    @torch.no_grad()
+    def reconstruction(self, batch: Batch) -> dict[str, float]:
+        """Mean squared error against x0 on valid tokens at t = T (eval mode, inference noise): the
+        denoiser's estimate s + d, and the reference of merely rescaling the noisy input
+        x_T / sqrt(abar_T). A denoiser that denoises beats the reference."""
+        if self.schedule is None:
+            raise ValueError("model.noise=none has no noisy input to reconstruct")
+        was = self.training
+        self.eval()
+        try:
+            q = self.q_proj(self.emb.query(batch))
+            gate_in = self.gate_input(batch)
+            x0, mask, rec = self.tokens(batch)
+            m = mask.unsqueeze(-1).to(x0.dtype)
+            sch = self.schedule
+            eps = self._inference_noise(rec, x0) if self.cfg.infer_noise == "fixed" else torch.zeros_like(x0)
+            x_T = sch.q_sample(x0, sch.steps, eps) * m
+            x0_hat, _ = sch.reverse(lambda x, t: self.denoise(x, t, q, gate_in, mask), x_T, self.denoise_steps)
+            n = mask.sum().clamp_min(1)
+
+            def mse(a: torch.Tensor) -> float:
+                return float(((a - x0).pow(2).mean(-1) * mask).sum() / n)
+
+            return {"model": mse(x0_hat), "rescaled_input": mse(x_T / sch.alpha_bar[sch.steps].sqrt()),
+                    "noise_std_at_T": float((1 - sch.alpha_bar[sch.steps]).sqrt()),
+                    "token_rms": float((x0.pow(2).mean(-1) * mask).sum().div(n).sqrt())}
+        finally:
+            self.train(was)
 
     @torch.no_grad()
     def dynamic_interest(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:

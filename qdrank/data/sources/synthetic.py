@@ -2,7 +2,8 @@
 
 ``prepare(out=..., seed=0)`` writes a canonical dataset (see :mod:`qdrank.data.schema`) whose labels
 come from a known ground-truth model, so every method can be compared with the *oracle* (the exact
-click probabilities, stored as ``true_ctr`` / ``true_cvr``). The same seed and parameters always give
+click probabilities, stored as ``true_ctr`` / ``true_cvr``; each request's intent category is stored as
+``true_intent``, the ground truth of query steering in ``qdrank explain``). The same seed and parameters always give
 identical tables; ``chunk_requests`` only changes how the tables are written, never their content.
 
 Scales (``scale=`` picks a preset from :data:`SCALES`; explicit non-default arguments win)::
@@ -480,6 +481,7 @@ def _request_block(w: _World, seed: int, b: int, r0: int, r1: int, n_requests: i
         "query": w.query_strings.take(pa.array(qidx)),
         "device": pa.array(DEVICES, pa.string()).take(pa.array(device)),
         "hour": pa.array(hour.astype(np.int64)),
+        "true_intent": pa.array(w.names, pa.string()).take(pa.array(qcat)),
     })
     impressions = pa.table({
         "request_id": pa.array(np.repeat(rid, k)),
@@ -511,7 +513,7 @@ def _spec() -> dict:
         "features": {
             "device": dict(cat), "hour": dict(cat),
             "price": dict(num), "discount": dict(num),
-            "true_ctr": {"type": "ignore"}, "true_cvr": {"type": "ignore"},
+            "true_ctr": {"type": "ignore"}, "true_cvr": {"type": "ignore"}, "true_intent": {"type": "ignore"},
             "category": dict(cat), "brand": dict(cat), "price_level": dict(cat), "base_price": dict(num),
             "title": {"type": "text"},
             "age_group": dict(cat), "gender": dict(cat), "city_tier": dict(cat),
