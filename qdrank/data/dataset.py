@@ -21,14 +21,8 @@ import torch
 
 from qdrank.config import DataConfig
 from qdrank.data import schema
-from qdrank.data.batch import MAX_POSITION, Batch, batch_inputs
-from qdrank.data.features import (
-    Feature,
-    FeatureMap,
-    build_vocab,
-    fit_numeric,
-    infer_type,
-)
+from qdrank.data.batch import MAX_POSITION, Batch, batch_input, batch_inputs
+from qdrank.data.features import Feature, FeatureMap, canonical_key, infer_type
 
 SPLIT_CODES = {"train": 0, "valid": 1, "test": 2}
 BEHAVIOR_QUERY_TOKENS = 4
@@ -63,138 +57,88 @@ def time_bucket(gap_seconds: np.ndarray, n_buckets: int) -> np.ndarray:
     return (1 + np.minimum(np.floor(np.log2(1 + g)), n_buckets - 2)).astype(np.int64)
 
 
-class SearchLogDataset:
-    """A dataset directory encoded with a :class:`FeatureMap` (fitted on its training split)."""
+def concat_ranges(starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """The indices of the ranges [starts[i], ends[i]) one after another, vectorised."""
+    counts = ends - starts
+    first = np.cumsum(counts) - counts  # where each range begins in the output
+    return np.repeat(starts - first, counts) + np.arange(int(counts.sum()), dtype=np.int64)
 
-    def __init__(self, path: str | Path, cfg: DataConfig, fmap: FeatureMap | None = None,
-                 log: Callable[[str], None] | None = None):
-        self.path = Path(path)
-        self.cfg = cfg
-        log = log or (lambda m: print(m, file=sys.stderr))
-        arrow = schema.read_tables(self.path)
-        self.report = schema.validate_dataset(self.path, arrow, cfg.split)
-        for w in self.report.warnings:
-            log(f"warning: {w}")
-        spec = schema.load_spec(self.path)
-        tables = {n: t.to_pandas() for n, t in arrow.items()}
-        del arrow
-        self._items = tables.get(schema.ITEMS)  # item side features, for item_tables()
-        req = tables[schema.REQUESTS].reset_index(drop=True)
-        imp = tables[schema.IMPRESSIONS]
-        beh = tables[schema.BEHAVIORS]
 
-        # ---- split by time (or the given split column) -----------------------------------
-        if "split" in req.columns:
-            split = req["split"].map(SPLIT_CODES).to_numpy(dtype=np.int64)
-        else:
-            split = split_by_time(req["timestamp"].to_numpy(), cfg.split)
-        self.split = split
-        if fmap is None:  # training needs every split: refuse before any work
-            schema.require_splits(req, imp, cfg.split)
-        train_req = req[split == 0]
-        if len(train_req) == 0:
-            raise schema.DatasetError(schema.REQUESTS, "no request falls in the train split")
-        cutoff = int(train_req["timestamp"].max()) + 1
-        imp_train = imp[imp["request_id"].isin(train_req["request_id"])]
-        beh_fit = beh[beh["timestamp"] < cutoff]
+def item_rows(item_index: pd.Index, item_ids: pd.Series) -> np.ndarray:
+    """External item ids -> item rows (2.. known, 1 unknown)."""
+    idx = item_index.get_indexer(pd.Series(item_ids).map(str))
+    return np.where(idx >= 0, idx + 2, 1).astype(np.int64)
 
-        # ---- feature map ------------------------------------------------------------------
-        if fmap is None:
-            fmap = fit_feature_map(tables, spec, cfg, train_req, imp_train, beh_fit, log)
-        self.fmap = fmap
 
-        # ---- entity rows ------------------------------------------------------------------
-        user_keys = pd.Index(pd.unique(pd.concat([req["user_id"], beh["user_id"]], ignore_index=True).map(str)))
-        self.user_keys = user_keys
-        req_user = user_keys.get_indexer(req["user_id"].map(str)) + 1
-        beh_user = user_keys.get_indexer(beh["user_id"].map(str)) + 1
-        item_index = pd.Index(fmap.item_vocab)
-        self._item_index = item_index
+def user_profiles(user_keys, users: pd.DataFrame | None) -> pd.DataFrame:
+    """One profile row per key of ``user_keys`` (string user ids), NaN where users.parquet lacks one."""
+    prof = pd.DataFrame({"user_id": pd.Series(user_keys, dtype=object).to_numpy()})
+    if users is not None:
+        u = users.copy()
+        u["user_id"] = u["user_id"].map(str)
+        prof = prof.merge(u, on="user_id", how="left")
+    return prof
 
-        # users: profile rows aligned with user_keys (row 0 = unknown user)
-        users = tables.get(schema.USERS)
-        prof = pd.DataFrame({"user_id": user_keys})
-        if users is not None:
-            u = users.copy()
-            u["user_id"] = u["user_id"].map(str)
-            prof = prof.merge(u, on="user_id", how="left")
-        prof = pd.concat([prof.iloc[:0].reindex([0]), prof], ignore_index=True)
-        self.user_sparse = fmap.encode_sparse("user", prof)
-        self.user_sparse[0] = 0
-        self.user_dense = fmap.encode_numeric("user", prof)
 
-        # ---- requests ---------------------------------------------------------------------
-        order = np.lexsort((req["request_id"].to_numpy(), req["timestamp"].to_numpy()))
-        req = req.iloc[order].reset_index(drop=True)
-        self.split = self.split[order]
-        req_user = req_user[order]
-        self.request_id = req["request_id"].to_numpy(dtype=np.int64)
-        self.req_ts = req["timestamp"].to_numpy(dtype=np.int64)
-        self.req_user = req_user.astype(np.int64)
-        self.query = fmap.encode_text(req["query"], cfg.max_query_tokens)
-        self.ctx_sparse = fmap.encode_sparse("context", req)
-        self.ctx_dense = fmap.encode_numeric("context", req)
+def encode_requests(fmap: FeatureMap, cfg: DataConfig, req: pd.DataFrame) -> dict[str, np.ndarray]:
+    """Request-side ids: hashed query tokens, context sparse ids and numerics."""
+    return {"query": fmap.encode_text(req["query"], cfg.max_query_tokens),
+            "ctx_sparse": fmap.encode_sparse("context", req), "ctx_dense": fmap.encode_numeric("context", req)}
 
-        # ---- impressions, grouped by request row -----------------------------------------
-        rid_index = pd.Index(self.request_id)
-        imp_row = rid_index.get_indexer(imp["request_id"])
-        imp_order = np.argsort(imp_row, kind="stable")
-        imp = imp.iloc[imp_order].reset_index(drop=True)
-        imp_row = imp_row[imp_order]
-        counts = np.bincount(imp_row, minlength=len(req))
-        self.imp_end = np.cumsum(counts).astype(np.int64)
-        self.imp_start = self.imp_end - counts
-        self.cand_item = self.item_rows(imp["item_id"])
-        self.cand_sparse = fmap.encode_sparse("candidate", imp)
-        self.cand_dense = fmap.encode_numeric("candidate", imp)
-        if "position" in imp.columns:
-            pos = imp["position"].fillna(-1).to_numpy(dtype=np.int64)
-            self.position = np.where(pos >= 0, np.minimum(pos + 1, MAX_POSITION - 1), 0)
-        else:
-            self.position = np.zeros(len(imp), dtype=np.int64)
-        self.click = imp["click"].to_numpy(dtype=np.float32)
-        if "purchase" in imp.columns:
-            self.purchase = imp["purchase"].astype("float32").fillna(-1).to_numpy(dtype=np.float32)
-        else:
-            self.purchase = np.full(len(imp), -1, dtype=np.float32)
-        self.oracle = {c: imp[c].to_numpy(dtype=np.float64) for c in schema.ORACLE_COLUMNS if c in imp.columns}
 
-        # ---- behaviours, sorted by (user, time) -------------------------------------------
-        b_order = np.lexsort((beh["timestamp"].to_numpy(), beh_user))
-        beh = beh.iloc[b_order].reset_index(drop=True)
-        self.beh_user = beh_user[b_order].astype(np.int64)
-        self.beh_ts = beh["timestamp"].to_numpy(dtype=np.int64)
-        self.beh_item = self.item_rows(beh["item_id"])
-        self.beh_sparse = fmap.encode_sparse("behavior", beh)
-        self.beh_dense = fmap.encode_numeric("behavior", beh)
-        self.beh_query = (fmap.encode_text(beh["query"], BEHAVIOR_QUERY_TOKENS) if "query" in beh.columns
-                          else np.zeros((len(beh), BEHAVIOR_QUERY_TOKENS), dtype=np.int64))
-        self.hist_start, self.hist_end = history_bounds(self.beh_user, self.beh_ts, self.req_user, self.req_ts,
-                                                        cfg.max_history)
+def encode_impressions(fmap: FeatureMap, item_index: pd.Index, imp: pd.DataFrame) -> dict:
+    """Candidate arrays of impression rows (labels, shown position, item rows, features, oracle)."""
+    if "position" in imp.columns:
+        pos = imp["position"].fillna(-1).to_numpy(dtype=np.int64)
+        position = np.where(pos >= 0, np.minimum(pos + 1, MAX_POSITION - 1), 0)
+    else:
+        position = np.zeros(len(imp), dtype=np.int64)
+    if "purchase" in imp.columns:
+        purchase = imp["purchase"].astype("float32").fillna(-1).to_numpy(dtype=np.float32)
+    else:
+        purchase = np.full(len(imp), -1, dtype=np.float32)
+    return {"cand_item": item_rows(item_index, imp["item_id"]), "cand_sparse": fmap.encode_sparse("candidate", imp),
+            "cand_dense": fmap.encode_numeric("candidate", imp), "position": position,
+            "click": imp["click"].to_numpy(dtype=np.float32), "purchase": purchase,
+            "oracle": {c: imp[c].to_numpy(dtype=np.float64) for c in schema.ORACLE_COLUMNS if c in imp.columns}}
 
-    # ---- helpers ------------------------------------------------------------------------------
-    def item_rows(self, item_ids: pd.Series) -> np.ndarray:
-        """External item ids -> item rows (2.. known, 1 unknown)."""
-        idx = self._item_index.get_indexer(item_ids.map(str))
-        return np.where(idx >= 0, idx + 2, 1).astype(np.int64)
 
-    def item_tables(self, tables_path: Path | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Item side-feature tables aligned with item rows (row 0 pad, row 1 unknown)."""
-        fmap = self.fmap
-        items = pd.DataFrame({"item_id": fmap.item_vocab})
-        if self._items is not None:
-            side = self._items.copy()
-            side["item_id"] = side["item_id"].map(str)
-            items = items.merge(side, on="item_id", how="left")
-        pad = pd.DataFrame({"item_id": [None, "\x00__unknown__"]})
-        items = pd.concat([pad, items], ignore_index=True)
-        sparse = fmap.encode_sparse("item", items)
-        sparse[0] = 0
-        return sparse, fmap.encode_numeric("item", items)
+def encode_behaviors(fmap: FeatureMap, item_index: pd.Index, beh: pd.DataFrame) -> dict[str, np.ndarray]:
+    """Behaviour arrays (item rows, features, hashed query of the search it came from, time)."""
+    return {"beh_ts": beh["timestamp"].to_numpy(dtype=np.int64), "beh_item": item_rows(item_index, beh["item_id"]),
+            "beh_sparse": fmap.encode_sparse("behavior", beh), "beh_dense": fmap.encode_numeric("behavior", beh),
+            "beh_query": (fmap.encode_text(beh["query"], BEHAVIOR_QUERY_TOKENS) if "query" in beh.columns
+                          else np.zeros((len(beh), BEHAVIOR_QUERY_TOKENS), dtype=np.int64))}
 
-    def requests_of(self, split: str) -> np.ndarray:
-        rows = np.flatnonzero((self.split == SPLIT_CODES[split]) & (self.imp_end > self.imp_start))
-        return rows
+
+def pack_groups(counts: np.ndarray, batch_size: int, base: int = 0) -> list[np.ndarray]:
+    """Cut positions 0..n-1 (requests with ``counts`` candidates, in order) into groups of whole
+    requests with ~batch_size impressions. ``base`` = impressions before position 0, so a stream
+    packed piece by piece (carrying the last, open group over) cuts exactly where one pass would."""
+    csum = base + np.cumsum(counts)
+    group = (csum - 1) // max(batch_size, 1)
+    cuts = np.flatnonzero(np.diff(group)) + 1
+    return [g for g in np.split(np.arange(len(counts)), cuts) if len(g)]
+
+
+class RequestTable:
+    """Encoded requests, their candidates and the behaviours their histories point into, as flat
+    arrays; cuts :class:`Batch` es from request rows. :class:`SearchLogDataset` is one over a whole
+    dataset; a streamed shard block (:mod:`qdrank.data.shards`) is one over a few thousand requests
+    whose history windows were precomputed. Registered batch inputs receive a RequestTable.
+
+    Arrays: per request ``request_id req_ts req_user query ctx_sparse ctx_dense imp_start imp_end
+    hist_start hist_end``; per user row ``user_sparse user_dense``; per impression ``cand_item
+    cand_sparse cand_dense position click purchase`` and ``oracle`` (dict); per behaviour ``beh_ts
+    beh_item beh_sparse beh_dense beh_query``.
+    """
+
+    cfg: DataConfig
+    fmap: FeatureMap
+
+    def __init__(self, cfg: DataConfig, fmap: FeatureMap, **arrays):
+        self.cfg, self.fmap = cfg, fmap
+        self.__dict__.update(arrays)
 
     def n_impressions(self, rows: np.ndarray) -> int:
         return int((self.imp_end[rows] - self.imp_start[rows]).sum())
@@ -255,22 +199,129 @@ class SearchLogDataset:
 
     def candidate_index(self, rows: np.ndarray) -> np.ndarray:
         """Impression indices of ``rows``, in the order make_batch emits candidates."""
-        starts, counts = self.imp_start[rows], self.imp_end[rows] - self.imp_start[rows]
-        first = np.cumsum(counts) - counts  # where each request's block begins in the output
-        return np.repeat(starts - first, counts) + np.arange(int(counts.sum()), dtype=np.int64)
+        return concat_ranges(self.imp_start[rows], self.imp_end[rows])
 
     def pack(self, rows: np.ndarray, batch_size: int) -> list[np.ndarray]:
         """Cut ``rows`` (in order) into groups of whole requests with ~batch_size impressions."""
-        counts = self.imp_end[rows] - self.imp_start[rows]
-        csum = np.cumsum(counts)
-        group = (csum - 1) // max(batch_size, 1)
-        cuts = np.flatnonzero(np.diff(group)) + 1
-        return [g for g in np.split(rows, cuts) if len(g)]
+        return [rows[g] for g in pack_groups(self.imp_end[rows] - self.imp_start[rows], batch_size)]
+
+
+def _oracle_input(name: str):
+    def build(table: RequestTable, rows: np.ndarray, cand: np.ndarray) -> np.ndarray:
+        col = table.oracle.get(name)
+        return col[cand] if col is not None else np.full(len(cand), np.nan)
+    return build
+
+
+# the simulator's true probabilities, for the oracle rows of evaluation (never a model input)
+for _name in schema.ORACLE_COLUMNS:
+    batch_input(_name)(_oracle_input(_name))
+
+
+class SearchLogDataset(RequestTable):
+    """A dataset directory encoded with a :class:`FeatureMap` (fitted on its training split)."""
+
+    def __init__(self, path: str | Path, cfg: DataConfig, fmap: FeatureMap | None = None,
+                 log: Callable[[str], None] | None = None):
+        self.path = Path(path)
+        self.cfg = cfg
+        log = log or (lambda m: print(m, file=sys.stderr))
+        arrow = schema.read_tables(self.path)
+        self.report = schema.validate_dataset(self.path, arrow, cfg.split)
+        for w in self.report.warnings:
+            log(f"warning: {w}")
+        spec = schema.load_spec(self.path)
+        tables = {n: t.to_pandas() for n, t in arrow.items()}
+        del arrow
+        self._items = tables.get(schema.ITEMS)  # item side features, for item_tables()
+        req = tables[schema.REQUESTS].reset_index(drop=True)
+        imp = tables[schema.IMPRESSIONS]
+        beh = tables[schema.BEHAVIORS]
+
+        # ---- split by time (or the given split column) -----------------------------------
+        split = request_splits(req, cfg)
+        self.split = split
+        if fmap is None:  # training needs every split: refuse before any work
+            schema.require_splits(req, imp, cfg.split)
+        train_req = req[split == 0]
+        if len(train_req) == 0:
+            raise schema.DatasetError(schema.REQUESTS, "no request falls in the train split")
+        cutoff = int(train_req["timestamp"].max()) + 1
+        imp_train = imp[imp["request_id"].isin(train_req["request_id"])]
+        beh_fit = beh[beh["timestamp"] < cutoff]
+
+        # ---- feature map ------------------------------------------------------------------
+        if fmap is None:
+            fmap = fit_feature_map(tables, spec, cfg, train_req, imp_train, beh_fit, log)
+        self.fmap = fmap
+
+        # ---- entity rows ------------------------------------------------------------------
+        user_keys = pd.Index(pd.unique(pd.concat([req["user_id"], beh["user_id"]], ignore_index=True).map(str)))
+        self.user_keys = user_keys
+        req_user = user_keys.get_indexer(req["user_id"].map(str)) + 1
+        beh_user = user_keys.get_indexer(beh["user_id"].map(str)) + 1
+        item_index = pd.Index(fmap.item_vocab)
+        self._item_index = item_index
+
+        # users: profile rows aligned with user_keys (row 0 = unknown user)
+        prof = user_profiles(user_keys, tables.get(schema.USERS))
+        prof = pd.concat([prof.iloc[:0].reindex([0]), prof], ignore_index=True)
+        self.user_sparse = fmap.encode_sparse("user", prof)
+        self.user_sparse[0] = 0
+        self.user_dense = fmap.encode_numeric("user", prof)
+
+        # ---- requests ---------------------------------------------------------------------
+        order = np.lexsort((req["request_id"].to_numpy(), req["timestamp"].to_numpy()))
+        req = req.iloc[order].reset_index(drop=True)
+        self.split = self.split[order]
+        req_user = req_user[order]
+        self.request_id = req["request_id"].to_numpy(dtype=np.int64)
+        self.req_ts = req["timestamp"].to_numpy(dtype=np.int64)
+        self.req_user = req_user.astype(np.int64)
+        self.__dict__.update(encode_requests(fmap, cfg, req))
+
+        # ---- impressions, grouped by request row -----------------------------------------
+        rid_index = pd.Index(self.request_id)
+        imp_row = rid_index.get_indexer(imp["request_id"])
+        imp_order = np.argsort(imp_row, kind="stable")
+        imp = imp.iloc[imp_order].reset_index(drop=True)
+        imp_row = imp_row[imp_order]
+        counts = np.bincount(imp_row, minlength=len(req))
+        self.imp_end = np.cumsum(counts).astype(np.int64)
+        self.imp_start = self.imp_end - counts
+        self.__dict__.update(encode_impressions(fmap, item_index, imp))
+
+        # ---- behaviours, sorted by (user, time) -------------------------------------------
+        b_order = np.lexsort((beh["timestamp"].to_numpy(), beh_user))
+        beh = beh.iloc[b_order].reset_index(drop=True)
+        self.beh_user = beh_user[b_order].astype(np.int64)
+        self.__dict__.update(encode_behaviors(fmap, item_index, beh))
+        self.hist_start, self.hist_end = history_bounds(self.beh_user, self.beh_ts, self.req_user, self.req_ts,
+                                                        cfg.max_history)
+
+    # ---- helpers ------------------------------------------------------------------------------
+    @property
+    def oracle_columns(self) -> tuple[str, ...]:
+        return tuple(self.oracle)
+
+    def item_rows(self, item_ids: pd.Series) -> np.ndarray:
+        """External item ids -> item rows (2.. known, 1 unknown)."""
+        return item_rows(self._item_index, item_ids)
+
+    def item_tables(self, tables_path: Path | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Item side-feature tables aligned with item rows (row 0 pad, row 1 unknown)."""
+        return encode_item_tables(self.fmap, self._items)
+
+    def requests_of(self, split: str) -> np.ndarray:
+        rows = np.flatnonzero((self.split == SPLIT_CODES[split]) & (self.imp_end > self.imp_start))
+        return rows
 
     def iter_batches(self, split: str, batch_size: int, shuffle: bool = False, seed: int = 0, rank: int = 0,
-                     world: int = 1) -> Iterator[Batch]:
+                     world: int = 1, extra_inputs: tuple[str, ...] = ()) -> Iterator[Batch]:
+        """The batches of one pass over ``split`` (the API :class:`~qdrank.data.shards.ShardedDataset`
+        shares): requests in time order, or permuted from ``seed`` when ``shuffle``."""
         for rows in self.batch_rows(split, batch_size, shuffle, seed, rank, world):
-            yield self.make_batch(rows)
+            yield self.make_batch(rows, extra_inputs)
 
     def batch_rows(self, split: str, batch_size: int, shuffle: bool = False, seed: int = 0, rank: int = 0,
                    world: int = 1) -> list[np.ndarray]:
@@ -289,6 +340,27 @@ class SearchLogDataset:
         return groups
 
 
+def encode_item_tables(fmap: FeatureMap, items_table: pd.DataFrame | None) -> tuple[np.ndarray, np.ndarray]:
+    """Item side-feature tables aligned with item rows (row 0 pad, row 1 unknown)."""
+    items = pd.DataFrame({"item_id": fmap.item_vocab})
+    if items_table is not None:
+        side = items_table.copy()
+        side["item_id"] = side["item_id"].map(str)
+        items = items.merge(side, on="item_id", how="left")
+    pad = pd.DataFrame({"item_id": [None, "\x00__unknown__"]})
+    items = pd.concat([pad, items], ignore_index=True)
+    sparse = fmap.encode_sparse("item", items)
+    sparse[0] = 0
+    return sparse, fmap.encode_numeric("item", items)
+
+
+def request_splits(req: pd.DataFrame, cfg: DataConfig) -> np.ndarray:
+    """Split code (0 train, 1 valid, 2 test) of each request: its ``split`` column, else by time."""
+    if "split" in req.columns:
+        return req["split"].map(SPLIT_CODES).to_numpy(dtype=np.int64)
+    return split_by_time(req["timestamp"].to_numpy(), cfg.split)
+
+
 def split_by_time(ts: np.ndarray, fractions: tuple[float, float, float]) -> np.ndarray:
     """Train = earliest requests, valid = next, test = latest; boundaries fall between timestamps
     so no two requests of the same second land in different splits."""
@@ -302,77 +374,195 @@ def split_by_time(ts: np.ndarray, fractions: tuple[float, float, float]) -> np.n
 
 def fit_feature_map(tables: dict[str, pd.DataFrame], spec: dict, cfg: DataConfig, train_req: pd.DataFrame,
                     imp_train: pd.DataFrame, beh_fit: pd.DataFrame, log: Callable[[str], None]) -> FeatureMap:
-    """Declare/infer every feature, then fit vocabularies and statistics on training rows only."""
-    declared = spec.get("features", {})
+    """Declare/infer every feature, then fit vocabularies and statistics on training rows only.
+
+    The in-memory form of the streaming fit in :mod:`qdrank.data.shards`: both run
+    :func:`declare_features` and feed a :class:`FeatureFitter`, here with each table as one chunk.
+    """
     fit_rows = {schema.REQUESTS: train_req, schema.IMPRESSIONS: imp_train, schema.BEHAVIORS: beh_fit}
     users = tables.get(schema.USERS)
     if users is not None:
         fit_rows[schema.USERS] = users[users["user_id"].map(str).isin(set(train_req["user_id"].map(str)))]
     if schema.ITEMS in tables:
         fit_rows[schema.ITEMS] = tables[schema.ITEMS]
+    features = declare_features(spec, {t: {c: tables[t][c] for c in tables[t].columns} for t in fit_rows}, log)
+    fitter = FeatureFitter(features, cfg)
+    for table, df in fit_rows.items():
+        fitter.update(table, df)
+    for table in (schema.IMPRESSIONS, schema.BEHAVIORS, schema.ITEMS):
+        if table in tables:
+            fitter.see_all(table, tables[table])
+    return fitter.finish(spec)
 
+
+def declare_features(spec: dict, columns: dict[str, dict[str, pd.Series]], log: Callable[[str], None],
+                     ) -> dict[str, Feature]:
+    """Every feature with its role and type: declared in dataset.yaml, else inferred from the column.
+
+    ``columns``: table -> column -> a Series with the column's pandas dtype and its first non-null
+    value (the whole column, or a probe of it), in the tables' order requests, impressions,
+    behaviours, users, items.
+    """
+    declared = spec.get("features", {})
     features: dict[str, Feature] = {}
     inferred: list[str] = []
     # entity ids are categorical features of their role
     features["user_id"] = Feature("user_id", "user", "categorical")
     features["item_id"] = Feature("item_id", "item", "categorical")
     features["action"] = Feature("action", "behavior", "categorical")
-    id_values = {"user_id": train_req["user_id"], "action": beh_fit["action"],
-                 "item_id": pd.concat([imp_train["item_id"], beh_fit["item_id"]], ignore_index=True)}
-    for table, df in fit_rows.items():
+    for table, cols in columns.items():
         role = schema.TABLE_ROLE[table]
-        for col in tables[table].columns:
+        for col, series in cols.items():
             if col in schema.RESERVED[table] or col in schema.ORACLE_COLUMNS:
                 continue
             if col in features:
                 raise schema.DatasetError(table, f"feature name '{col}' is used by two tables; rename one", col)
             decl = declared.get(col, {})
-            ftype = decl.get("type") or infer_type(tables[table][col])
+            ftype = decl.get("type") or infer_type(series)
             if "type" not in decl:
                 inferred.append(f"{col}={ftype}")
             if ftype == "ignore":
                 continue
             features[col] = Feature(col, decl.get("role", role), ftype)
-            id_values[col] = df[col]
     if inferred:
         log("inferred feature types (declare them in dataset.yaml to change): " + ", ".join(inferred))
+    return features
 
-    offset = 1
-    for name, f in features.items():
-        if f.type in ("categorical", "list"):
-            f.vocab = build_vocab(id_values[name], cfg.min_count if name != "user_id" else 1, f.type == "list")
-            f.slots = 1 if f.type == "categorical" else cfg.max_list_len
-            f.offset = offset
-            offset += 1 + len(f.vocab)
-        elif f.type == "text":
-            f.slots = cfg.max_list_len
-        elif f.type == "numeric":
-            fit_numeric(f, id_values[name])
-    text_offset = offset
-    vocab_size = offset + cfg.query_buckets
 
-    all_items = [tables[schema.IMPRESSIONS]["item_id"], tables[schema.BEHAVIORS]["item_id"]]
-    if schema.ITEMS in tables:
-        all_items.append(tables[schema.ITEMS]["item_id"])
-    item_vocab = pd.unique(pd.concat(all_items, ignore_index=True).map(str)).tolist()
+class _Moments:
+    """Count, mean and sum of squared deviations of finite values, mergeable chunk by chunk (Chan
+    et al.); one chunk gives exactly numpy's mean and std."""
 
-    gate = spec.get("gate") or [f.name for f in features.values()
-                                 if f.role in ("user", "context") and f.name != "user_id"]
-    unknown = [g for g in gate if g not in features]
-    if unknown:
-        raise schema.DatasetError(schema.SPEC, f"gate names unknown features {unknown}; known: {sorted(features)}")
-    imp_all = tables[schema.IMPRESSIONS]
-    category = next((c for c in ("category", "cate_id_1", "cate_id_3", "genres", "properties")
-                     if c in features and features[c].role == "item"), None)
-    if spec.get("category"):
-        category = spec["category"]
-    return FeatureMap(
-        features=features, text_offset=text_offset, query_buckets=cfg.query_buckets,
-        max_query_tokens=cfg.max_query_tokens, max_list_len=cfg.max_list_len, time_buckets=cfg.time_buckets,
-        vocab_size=vocab_size, gate=list(gate),
-        user_key_type="int" if pd.api.types.is_integer_dtype(train_req["user_id"]) else "str",
-        item_key_type="int" if pd.api.types.is_integer_dtype(imp_all["item_id"]) else "str",
-        has_purchase="purchase" in imp_all.columns and bool(imp_all["purchase"].notna().any()),
-        has_position="position" in imp_all.columns, max_position=MAX_POSITION,
-        item_vocab=item_vocab, has_category=category,
-    )
+    def __init__(self) -> None:
+        self.n, self.mean, self.m2 = 0, 0.0, 0.0
+
+    def add(self, x: np.ndarray) -> None:
+        if len(x) == 0:
+            return
+        n_b, mean_b = len(x), float(x.mean())
+        m2_b = float(((x - mean_b) ** 2).sum())
+        if self.n == 0:
+            self.n, self.mean, self.m2 = n_b, mean_b, m2_b
+            return
+        n = self.n + n_b
+        delta = mean_b - self.mean
+        self.mean += delta * n_b / n
+        self.m2 += m2_b + delta * delta * self.n * n_b / n
+        self.n = n
+
+    @property
+    def std(self) -> float:
+        return float(np.sqrt(self.m2 / self.n)) if self.n else 0.0
+
+
+class _NumericStats:
+    """What a numeric feature's standardisation needs: min, max, moments of x and of log1p(x)."""
+
+    def __init__(self) -> None:
+        self.lo, self.hi = np.inf, -np.inf
+        self.raw, self.log = _Moments(), _Moments()
+
+    def add(self, values: pd.Series) -> None:
+        x = pd.to_numeric(values, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
+        x = x[np.isfinite(x)]
+        if len(x) == 0:
+            return
+        self.lo, self.hi = min(self.lo, float(x.min())), max(self.hi, float(x.max()))
+        self.raw.add(x)
+        if self.lo >= 0:  # log statistics only matter while every value is >= 0
+            self.log.add(np.log1p(x))
+
+    def apply(self, f: Feature) -> None:
+        """Rule: log1p first when every value is >= 0 and the largest exceeds 1000."""
+        if self.raw.n == 0:
+            return
+        f.log = bool(self.lo >= 0 and self.hi > 1000)
+        m = self.log if f.log else self.raw
+        f.mean = float(m.mean)
+        f.std = m.std or 1.0
+
+
+class FeatureFitter:
+    """Vocabularies and numeric statistics accumulated over chunks of training rows.
+
+    ``update(table, rows)`` takes fit rows (training requests, their impressions, behaviours before
+    the train cutoff, training users' profiles, all items); ``see_all(table, rows)`` takes every row
+    of impressions, behaviours and items, in that order, for the item rows and the label flags.
+    """
+
+    def __init__(self, features: dict[str, Feature], cfg: DataConfig):
+        self.features, self.cfg = features, cfg
+        self.counts: dict[str, pd.Series] = {}
+        self.numeric: dict[str, _NumericStats] = {n: _NumericStats() for n, f in features.items()
+                                                  if f.type == "numeric"}
+        self.items: dict[str, None] = {}  # insertion-ordered set of item keys (first appearance)
+        self.user_key_type = self.item_key_type = "str"
+        self.has_purchase = self.has_position = False
+
+    def _count(self, name: str, values: pd.Series) -> None:
+        f = self.features[name]
+        if f.type == "list":
+            values = values.dropna().explode()
+        values = values.dropna()
+        if len(values) == 0:
+            return
+        c = values.map(canonical_key).value_counts(sort=False)
+        old = self.counts.get(name)
+        self.counts[name] = c if old is None else old.add(c, fill_value=0)
+
+    def update(self, table: str, df: pd.DataFrame) -> None:
+        ids = {schema.REQUESTS: ("user_id",), schema.IMPRESSIONS: ("item_id",),
+               schema.BEHAVIORS: ("action", "item_id")}.get(table, ())
+        if table == schema.REQUESTS and len(df):
+            self.user_key_type = "int" if pd.api.types.is_integer_dtype(df["user_id"]) else "str"
+        for name in ids:
+            self._count(name, df[name])
+        for col in df.columns:
+            f = self.features.get(col)
+            if f is None or col in schema.RESERVED[table] or col in schema.ORACLE_COLUMNS:
+                continue
+            if f.type in ("categorical", "list"):
+                self._count(col, df[col])
+            elif f.type == "numeric":
+                self.numeric[col].add(df[col])
+
+    def see_all(self, table: str, df: pd.DataFrame) -> None:
+        for key in pd.unique(df["item_id"]):
+            self.items.setdefault(str(key))
+        if table == schema.IMPRESSIONS:
+            self.item_key_type = "int" if pd.api.types.is_integer_dtype(df["item_id"]) else "str"
+            self.has_position = "position" in df.columns
+            if "purchase" in df.columns and bool(df["purchase"].notna().any()):
+                self.has_purchase = True
+
+    def finish(self, spec: dict) -> FeatureMap:
+        cfg, features = self.cfg, self.features
+        offset = 1
+        for name, f in features.items():
+            if f.type in ("categorical", "list"):
+                min_count = cfg.min_count if name != "user_id" else 1
+                counts = self.counts.get(name, pd.Series(dtype=np.int64))
+                f.vocab = sorted(counts[counts >= min_count].index.tolist())
+                f.slots = 1 if f.type == "categorical" else cfg.max_list_len
+                f.offset = offset
+                offset += 1 + len(f.vocab)
+            elif f.type == "text":
+                f.slots = cfg.max_list_len
+            elif f.type == "numeric":
+                self.numeric[name].apply(f)
+        gate = spec.get("gate") or [f.name for f in features.values()
+                                     if f.role in ("user", "context") and f.name != "user_id"]
+        unknown = [g for g in gate if g not in features]
+        if unknown:
+            raise schema.DatasetError(schema.SPEC, f"gate names unknown features {unknown}; known: {sorted(features)}")
+        category = next((c for c in ("category", "cate_id_1", "cate_id_3", "genres", "properties")
+                         if c in features and features[c].role == "item"), None)
+        if spec.get("category"):
+            category = spec["category"]
+        return FeatureMap(
+            features=features, text_offset=offset, query_buckets=cfg.query_buckets,
+            max_query_tokens=cfg.max_query_tokens, max_list_len=cfg.max_list_len, time_buckets=cfg.time_buckets,
+            vocab_size=offset + cfg.query_buckets, gate=list(gate), user_key_type=self.user_key_type,
+            item_key_type=self.item_key_type, has_purchase=self.has_purchase, has_position=self.has_position,
+            max_position=MAX_POSITION, item_vocab=list(self.items), has_category=category,
+        )
