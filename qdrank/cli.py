@@ -51,6 +51,16 @@ def cmd_validate(a) -> None:
         print(f"warning: {w}")
 
 
+def cmd_shard(a) -> None:
+    from qdrank.config import build_config
+    from qdrank.data.shards import write_shards
+
+    cfg = build_config("dnn", overrides=a.set)
+    m = write_shards(Path(a.dir), Path(a.out), cfg.data, rows_per_shard=a.rows_per_shard, log=_log)
+    parts = ", ".join(f"{k} {v['requests']:,} requests / {len(v['shards'])} shards" for k, v in m["splits"].items())
+    print(f"wrote {a.out}: {parts}")
+
+
 def cmd_inspect(a) -> None:
     from qdrank.data.inspect import format_inspection, inspect_dataset
 
@@ -61,11 +71,11 @@ def cmd_inspect(a) -> None:
 # ---- train / evaluate ---------------------------------------------------------------------
 def cmd_train(a) -> None:
     from qdrank.config import build_config
-    from qdrank.data.dataset import SearchLogDataset
+    from qdrank.data.shards import open_dataset
     from qdrank.training.trainer import Trainer
 
     cfg = build_config(a.model, Path(a.config) if a.config else None, a.set)
-    ds = SearchLogDataset(a.data, cfg.data, log=_log)
+    ds = open_dataset(a.data, cfg.data, log=_log)
     if int(os.environ.get("RANK", "0")) == 0:
         _log("features:\n" + ds.fmap.describe())
     trainer = Trainer(cfg, ds, Path(a.out), resume=a.resume, log=_log)
@@ -78,7 +88,7 @@ def cmd_train(a) -> None:
 
 
 def cmd_evaluate(a) -> None:
-    from qdrank.data.dataset import SearchLogDataset
+    from qdrank.data.shards import open_dataset
     from qdrank.evaluation.evaluate import evaluate
     from qdrank.evaluation.report import markdown_table, write_report
     from qdrank.training import checkpoint as ckpt
@@ -87,7 +97,7 @@ def cmd_evaluate(a) -> None:
     run = Path(a.run)
     model, cfg, fmap = ckpt.load_model(run)
     data = a.data or json.loads((run / "data.json").read_text())["path"]
-    ds = SearchLogDataset(data, cfg.data, fmap=fmap, log=_log)
+    ds = open_dataset(data, cfg.data, fmap=fmap, log=_log)
     device = resolve_device(cfg.train.device)
     model.to(device)
     m = evaluate(model, ds, a.split, cfg.train.eval_batch_size, device, progress=True)
@@ -159,6 +169,13 @@ def build_parser() -> argparse.ArgumentParser:
     v = data.add_parser("validate", help="check a dataset directory against the format")
     v.add_argument("dir")
     v.set_defaults(func=cmd_validate)
+    sh = data.add_parser("shard", help="write request-major Parquet shards for streaming training (large logs)")
+    sh.add_argument("dir")
+    sh.add_argument("--out", required=True)
+    sh.add_argument("--rows-per-shard", type=int, default=20_000, help="requests per shard file")
+    sh.add_argument("--set", action="append", default=[], metavar="data.KEY=VALUE",
+                    help="data settings the shards bake in (history length, split, buckets); runs must match")
+    sh.set_defaults(func=cmd_shard)
     i = data.add_parser("inspect", help="print counts, label rates, history lengths, splits")
     i.add_argument("dir")
     i.add_argument("--json", action="store_true")

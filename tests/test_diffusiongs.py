@@ -280,11 +280,11 @@ def test_one_step_and_full_chain_agree_after_training(tiny_dataset, tmp_path):
     assert not np.allclose(a, b)          # the chains really differ
     corr = np.corrcoef(a, b)[0, 1]
     assert corr > 0.9, corr
-    imp = preds[1]["imp"].astype(np.int64)
+    click = preds[1]["click"]
     aucs = []
     for steps in (1, 50):
         m = RankingMetrics(scores_are_logits=True)
-        m.update(ds.click[imp], preds[steps]["ctr"], np.zeros(len(imp), dtype=np.int64))
+        m.update(click, preds[steps]["ctr"], np.zeros(len(click), dtype=np.int64))
         aucs.append(m.compute()["auc"])
     assert abs(aucs[0] - aucs[1]) < 0.05, aucs
 

@@ -510,7 +510,7 @@ class ShardedDataset:
             if (list(have) if isinstance(have, list | tuple) else have) != (list(want) if isinstance(want, tuple)
                                                                             else want):
                 raise schema.DatasetError(MANIFEST, f"shards were built with data.{key}={have}, this run has "
-                                          f"{want}; re-shard with the run's data settings", f"data_config.{key}")
+                                          f"{want}; re-shard with the run's data settings")
         self.fmap = FeatureMap.from_dict(json.loads((self.path / FEATURE_MAP).read_text()))
         if fmap is not None and fmap.to_dict() != self.fmap.to_dict():
             raise schema.DatasetError(FEATURE_MAP, "the shards were encoded with another feature map than the "

@@ -7,6 +7,7 @@ resumed from the state saved after epoch k continues exactly as the uninterrupte
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from pathlib import Path
@@ -17,6 +18,7 @@ from tqdm import tqdm
 
 from qdrank.config import RunConfig
 from qdrank.data.dataset import SearchLogDataset
+from qdrank.data.shards import ShardedDataset
 from qdrank.evaluation.evaluate import evaluate, selection_metric
 from qdrank.models.base import RankModel
 from qdrank.models.registry import model_class
@@ -25,7 +27,7 @@ from qdrank.utils.io import to_jsonable
 from qdrank.utils.runtime import init_distributed, resolve_device, seed_everything
 
 
-def build_model(cfg: RunConfig, ds: SearchLogDataset) -> RankModel:
+def build_model(cfg: RunConfig, ds: SearchLogDataset | ShardedDataset) -> RankModel:
     seed_everything(cfg.train.seed)
     model = model_class(cfg.model_name)(ds.fmap, cfg.model)
     model.emb.set_item_tables(*ds.item_tables())
@@ -33,7 +35,7 @@ def build_model(cfg: RunConfig, ds: SearchLogDataset) -> RankModel:
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, ds: SearchLogDataset, run_dir: Path, resume: bool = False,
+    def __init__(self, cfg: RunConfig, ds: SearchLogDataset | ShardedDataset, run_dir: Path, resume: bool = False,
                  log=print):
         self.cfg, self.ds, self.run_dir, self.log = cfg, ds, Path(run_dir), log
         t = cfg.train
@@ -75,15 +77,15 @@ class Trainer:
         for epoch in range(first_epoch, t.max_epochs):
             seed_everything(t.seed * 1009 + epoch)
             self.net.train()
-            groups = ds.batch_rows("train", t.batch_size, shuffle=True, seed=t.seed * 1009 + epoch,
-                                   rank=self.ctx.rank, world=self.ctx.world)
+            batches = ds.iter_batches("train", t.batch_size, shuffle=True, seed=t.seed * 1009 + epoch,
+                                      rank=self.ctx.rank, world=self.ctx.world, extra_inputs=self.model.extra_inputs)
             if t.max_steps_per_epoch:
-                groups = groups[: t.max_steps_per_epoch]
+                batches = itertools.islice(batches, t.max_steps_per_epoch)
             t0, n_seen, loss_sum = time.perf_counter(), 0, 0.0
-            bar = tqdm(groups, desc=f"epoch {epoch + 1}/{t.max_epochs}", disable=not (t.progress and self.ctx.main),
+            bar = tqdm(batches, desc=f"epoch {epoch + 1}/{t.max_epochs}", disable=not (t.progress and self.ctx.main),
                        unit="batch", dynamic_ncols=True)
-            for rows in bar:
-                b = ds.make_batch(rows, self.model.extra_inputs).to(self.device)
+            for b in bar:
+                b = b.to(self.device)
                 out = self.net(b)
                 loss, _ = self.model.loss(b, out, t.cvr_weight)
                 self.optimizer.zero_grad(set_to_none=True)
