@@ -65,9 +65,18 @@ def concat_ranges(starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
 
 
 def item_rows(item_index: pd.Index, item_ids: pd.Series) -> np.ndarray:
-    """External item ids -> item rows (2.. known, 1 unknown)."""
-    idx = item_index.get_indexer(pd.Series(item_ids).map(str))
+    """External item ids -> item rows (2.. known, 1 unknown); each distinct id is looked up once."""
+    codes, uniq = pd.factorize(pd.Series(item_ids))
+    idx = item_index.get_indexer(pd.Index(uniq).map(str))[codes] if len(uniq) else np.full(len(codes), -1)
+    idx[codes < 0] = -1
     return np.where(idx >= 0, idx + 2, 1).astype(np.int64)
+
+
+def encode_texts(fmap: FeatureMap, texts, max_tokens: int) -> np.ndarray:
+    """:meth:`FeatureMap.encode_text`, tokenising each distinct string once (hashing, not sorting)."""
+    s = pd.Series(texts, dtype=object).fillna("").astype(str)
+    codes, uniq = pd.factorize(s)
+    return fmap.encode_text(pd.Series(uniq, dtype=object), max_tokens)[codes]
 
 
 def user_profiles(user_keys, users: pd.DataFrame | None) -> pd.DataFrame:
@@ -82,7 +91,7 @@ def user_profiles(user_keys, users: pd.DataFrame | None) -> pd.DataFrame:
 
 def encode_requests(fmap: FeatureMap, cfg: DataConfig, req: pd.DataFrame) -> dict[str, np.ndarray]:
     """Request-side ids: hashed query tokens, context sparse ids and numerics."""
-    return {"query": fmap.encode_text(req["query"], cfg.max_query_tokens),
+    return {"query": encode_texts(fmap, req["query"], cfg.max_query_tokens),
             "ctx_sparse": fmap.encode_sparse("context", req), "ctx_dense": fmap.encode_numeric("context", req)}
 
 
@@ -107,7 +116,7 @@ def encode_behaviors(fmap: FeatureMap, item_index: pd.Index, beh: pd.DataFrame) 
     """Behaviour arrays (item rows, features, hashed query of the search it came from, time)."""
     return {"beh_ts": beh["timestamp"].to_numpy(dtype=np.int64), "beh_item": item_rows(item_index, beh["item_id"]),
             "beh_sparse": fmap.encode_sparse("behavior", beh), "beh_dense": fmap.encode_numeric("behavior", beh),
-            "beh_query": (fmap.encode_text(beh["query"], BEHAVIOR_QUERY_TOKENS) if "query" in beh.columns
+            "beh_query": (encode_texts(fmap, beh["query"], BEHAVIOR_QUERY_TOKENS) if "query" in beh.columns
                           else np.zeros((len(beh), BEHAVIOR_QUERY_TOKENS), dtype=np.int64))}
 
 
@@ -506,7 +515,8 @@ class FeatureFitter:
         values = values.dropna()
         if len(values) == 0:
             return
-        c = values.map(canonical_key).value_counts(sort=False)
+        raw = values.value_counts(sort=False)  # count raw values, then merge 1, 1.0 and "1"
+        c = raw.groupby(raw.index.map(canonical_key)).sum()
         old = self.counts.get(name)
         self.counts[name] = c if old is None else old.add(c, fill_value=0)
 

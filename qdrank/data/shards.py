@@ -108,7 +108,8 @@ def _bucket(keys: pd.Series | np.ndarray, n: int) -> np.ndarray:
     if pd.api.types.is_integer_dtype(keys):
         h = pd.util.hash_array(keys.to_numpy(dtype=np.int64))
     else:
-        h = stable_hash(keys.map(str).to_numpy(dtype=object))
+        codes, uniq = pd.factorize(keys)
+        h = stable_hash(pd.Index(uniq).map(str).to_numpy(dtype=object))[codes]
     return (h % np.uint64(n)).astype(np.int64)
 
 
