@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -198,3 +203,37 @@ def test_shard_errors_name_file_row_and_field(tmp_path):
     assert not (tmp_path / "s").exists()
     with pytest.raises(DatasetError, match="dataset directory does not exist"):
         write_shards(tmp_path / "nothing_here", tmp_path / "s", _cfg(), log=lambda m: None)
+
+
+def test_cli_shard_then_two_rank_torchrun_reads_own_shards(tiny_data, tmp_path):
+    """`qdrank data shard` + `torchrun` 2 processes training from the shards; the 2-rank evaluation
+    in result.json equals a 1-process `qdrank evaluate` of the same checkpoint."""
+    small = ["data.max_history=20", "data.query_buckets=2000", "model.dim=16", "train.batch_size=512",
+             "train.progress=false", "train.max_epochs=1"]
+    sets = sum((["--set", s] for s in small), [])
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    shards = tmp_path / "shards"
+    r = subprocess.run([sys.executable, "-m", "qdrank.cli", "data", "shard", str(tiny_data), "--out", str(shards),
+                        "--rows-per-shard", "100", "--set", "data.max_history=20", "--set", "data.query_buckets=2000"],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "train 800 requests / 8 shards" in r.stdout
+    torchrun = Path(sys.executable).parent / "torchrun"
+    out = tmp_path / "ddp"
+    r = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "qdrank.cli", "train",
+                        "--data", str(shards), "--model", "dnn", "--out", str(out), *sets],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    two = json.loads((out / "result.json").read_text())["test"]
+    r = subprocess.run([sys.executable, "-m", "qdrank.cli", "evaluate", str(out), "--split", "test"],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    one = json.loads((out / "eval_test" / "evaluation.json").read_text())["metrics"]
+    assert one.keys() == two.keys()
+    for k, v in two.items():
+        assert v == pytest.approx(one[k], rel=1e-5, abs=1e-6, nan_ok=True), k
+    r = subprocess.run([sys.executable, "-m", "qdrank.cli", "train", "--data", str(shards), "--model", "dnn",
+                        "--out", str(tmp_path / "x"), "--set", "data.max_history=30"],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 2 and "shards were built with data.max_history=20" in r.stderr
+    assert "Traceback" not in r.stderr

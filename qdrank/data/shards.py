@@ -546,7 +546,7 @@ class ShardedDataset:
         :meth:`SearchLogDataset.pack` cuts the same sequence. Each rank reads only its shards; in
         training (shuffle, world > 1) every rank stops after the same number of batches, a bound
         every rank computes from the manifest, so collectives line up."""
-        if world > 1 and len(self.splits[split]["shards"]) < world:
+        if world > 1 and shuffle and len(self.splits[split]["shards"]) < world:  # a rank without data
             raise ValueError(f"{split} has {len(self.splits[split]['shards'])} shards for {world} ranks; "
                              "re-shard with a smaller --rows-per-shard")
         mine = self.shard_files(split, shuffle, seed, rank, world)
