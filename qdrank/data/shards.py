@@ -559,20 +559,23 @@ class ShardedDataset:
         carry: pa.Table | None = None
         base = emitted = 0
         for table in self._buffers(mine, self.shuffle_buffer if shuffle else STREAM_ROWS):
-            if shuffle:
-                table = table.take(pa.array(rng.permutation(table.num_rows)))
+            n_carry = 0 if carry is None else carry.num_rows
             if carry is not None:
                 table = pa.concat_tables([carry, table])
+            # the carried rows first, then the new rows (permuted when shuffling)
+            order = np.arange(table.num_rows)
+            if shuffle:
+                order[n_carry:] = n_carry + rng.permutation(table.num_rows - n_carry)
             block = self.block(table)
-            counts = block.imp_end - block.imp_start
+            counts = (block.imp_end - block.imp_start)[order]
             groups = pack_groups(counts, batch_size, base)
             for g in groups[:-1]:
                 if limit is not None and emitted >= limit:
                     return
-                yield block.make_batch(g, extra_inputs)
+                yield block.make_batch(order[g], extra_inputs)
                 emitted += 1
             base += int(counts[: groups[-1][0]].sum())
-            carry = table.slice(int(groups[-1][0]))
+            carry = table.take(pa.array(order[groups[-1]]))
         if carry is not None and carry.num_rows and (limit is None or emitted < limit):
             yield self.block(carry).make_batch(np.arange(carry.num_rows), extra_inputs)
 
