@@ -172,7 +172,7 @@ def _matrix(t: pa.Table, prefix: str, width: int, dtype) -> np.ndarray:
 
 
 def _list(offsets: np.ndarray, values: np.ndarray, dtype: pa.DataType) -> pa.Array:
-    return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(values.ravel(), dtype))
+    return pa.LargeListArray.from_arrays(pa.array(offsets.astype(np.int64)), pa.array(values.ravel(), dtype))
 
 
 def _offsets(counts: np.ndarray, width: int = 1) -> np.ndarray:
@@ -206,7 +206,8 @@ def write_shards(data: str | os.PathLike, out: str | os.PathLike, cfg: DataConfi
         raise schema.DatasetError(schema.BEHAVIORS, "user_id type differs from requests.parquet user_id: the tables "
                                   "would not join", "user_id")
     n_imp, n_beh = imp_f.metadata.num_rows, beh_f.metadata.num_rows
-    n_buckets = max(1, -(-max(n_imp, n_beh) // max(bucket_rows, 1)))
+    # a bucket holds ~bucket_rows impressions, behaviours and history-window entries at most
+    n_buckets = max(1, -(-max(n_imp, n_beh, req_f.metadata.num_rows * cfg.max_history) // max(bucket_rows, 1)))
 
     # ---- pass 1: request keys (id, time, split, user bucket), in file order --------------------
     has_split = "split" in req_f.schema_arrow.names
