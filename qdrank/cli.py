@@ -1,11 +1,22 @@
-"""The ``qdrank`` command line. Each sub-command is a thin layer over a library function."""
+"""The ``qdrank`` command line. Each sub-command is a thin layer over a library function.
+
+Errors: a user mistake (bad config, dataset, damaged run, unexportable model) or an OS error (read-only
+or full disk, a path under a file) ends the command with one line ``error: ...`` on stderr and exit
+code 2, never a traceback (:func:`main`). Commands that write check their output location before
+they load data.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import json
 import os
+import sqlite3
 import sys
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 DATA_ENV = "QDRANK_DATA"
@@ -32,10 +43,12 @@ def _resolve_input(source: str, given: str | None) -> Path | None:
 def cmd_prepare(a) -> None:
     from qdrank.config import parse_key_values
     from qdrank.data.sources import prepare_source
+    from qdrank.utils.io import ensure_writable_dir
 
     opts = parse_key_values(a.option, "--option")
     if a.scale:
         opts["scale"] = a.scale
+    ensure_writable_dir(Path(a.out).resolve().parent)  # the dataset is built beside --out, then renamed
     rep = prepare_source(a.source, _resolve_input(a.source, a.input), Path(a.out), seed=a.seed, **opts)
     print(f"wrote {a.out}: {rep.n_requests:,} requests, {rep.n_impressions:,} impressions, "
           f"{rep.n_behaviors:,} behaviours (validated)")
@@ -62,9 +75,14 @@ def cmd_inspect(a) -> None:
 def cmd_train(a) -> None:
     from qdrank.config import build_config
     from qdrank.data.dataset import SearchLogDataset
+    from qdrank.training import checkpoint as ckpt
     from qdrank.training.trainer import Trainer
+    from qdrank.utils.io import ensure_writable_dir
 
     cfg = build_config(a.model, Path(a.config) if a.config else None, a.set)
+    ensure_writable_dir(Path(a.out))  # before minutes of loading data
+    for f in ckpt.clean_run_dir(Path(a.out)):
+        _log(f"removed {f.name}: a temp file left by an interrupted run")
     ds = SearchLogDataset(a.data, cfg.data, log=_log)
     if int(os.environ.get("RANK", "0")) == 0:
         _log("features:\n" + ds.fmap.describe())
@@ -82,10 +100,13 @@ def cmd_evaluate(a) -> None:
     from qdrank.evaluation.evaluate import evaluate
     from qdrank.evaluation.report import markdown_table, write_report
     from qdrank.training import checkpoint as ckpt
+    from qdrank.utils.io import ensure_writable_dir
     from qdrank.utils.runtime import resolve_device
 
     run = Path(a.run)
     model, cfg, fmap = ckpt.load_model(run)
+    out = Path(a.out) if a.out else run / f"eval_{a.split}"
+    ensure_writable_dir(out)  # before the evaluation, not after it
     data = a.data or json.loads((run / "data.json").read_text())["path"]
     ds = SearchLogDataset(data, cfg.data, fmap=fmap, log=_log)
     device = resolve_device(cfg.train.device)
@@ -95,7 +116,6 @@ def cmd_evaluate(a) -> None:
     cols = [(k, k) for k in ("ctr_auc", "ctr_gauc", "ctr_gauc_w", "ctr_logloss", "cvr_auc", "cvr_gauc",
                              "oracle_ctr_auc", "oracle_ctr_gauc") if k in m]
     md = markdown_table([row], cols, title=f"{cfg.model_name} on {data} ({a.split})")
-    out = Path(a.out) if a.out else run / f"eval_{a.split}"
     write_report(out, "evaluation", {"run": str(run), "data": str(data), "split": a.split, "metrics": m}, md)
     print(md)
     print(f"\nreport written to {out}/evaluation.json and .md")
@@ -127,7 +147,9 @@ def cmd_ablate(a) -> None:
 
 def cmd_explain(a) -> None:
     from qdrank.evaluation.explain import explain_request, steering
+    from qdrank.utils.io import ensure_writable_dir
 
+    ensure_writable_dir(Path(a.out).resolve().parent)
     if a.steering:
         r = steering(Path(a.run), Path(a.data) if a.data else None, a.steering, Path(a.out), split=a.split)
         print(f"query steering over {r['measured']} {a.split} requests ({r['relevance']}): mean correlation of "
@@ -235,16 +257,58 @@ def _extension_commands():
     return out
 
 
+_OS_HINTS = {
+    errno.EACCES: "no permission: fix the permissions or choose another location",
+    errno.EPERM: "not permitted: fix the permissions or choose another location",
+    errno.EROFS: "read-only file system: choose another location",
+    errno.ENOSPC: "no space left: free disk space or choose another location",
+    errno.EDQUOT: "disk quota exceeded: free space or choose another location",
+    errno.ENOTDIR: "a part of this path is a file, not a directory: choose another location",
+    errno.EISDIR: "this is a directory: give a file path",
+    errno.ENOENT: "no such file or directory: check the path",
+    errno.EEXIST: "already exists: remove it or choose another path",
+}
+
+
+def format_error(e: BaseException) -> str:
+    """One line ``error: <path>: <what> — <what to do>`` for an OS error, ``error: <message>`` otherwise."""
+    if isinstance(e, OSError) and e.strerror and e.filename is not None:
+        path = f"{e.filename} -> {e.filename2}" if e.filename2 is not None else str(e.filename)
+        hint = _OS_HINTS.get(e.errno, "check the path, its permissions and the free disk space")
+        return f"error: {path}: {e.strerror} — {hint}"
+    if isinstance(e, sqlite3.Error):
+        return f"error: SQLite store: {e} — check the --store path, its permissions and free disk space"
+    msg = " ".join(str(e).split()) or type(e).__name__
+    return f"error: {msg}"
+
+
+@contextlib.contextmanager
+def _one_line_warnings() -> Iterator[None]:
+    """Show warnings as ``warning: <message>`` (no source line) while a command runs."""
+    previous = warnings.formatwarning
+    warnings.formatwarning = lambda message, *args, **kwargs: f"warning: {message}\n"
+    try:
+        yield
+    finally:
+        warnings.formatwarning = previous
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from qdrank.config import ConfigError
     from qdrank.data.schema import DatasetError
 
+    # CheckpointError (damaged run) and ExportError are ValueErrors; importing them here would load torch
+    user_errors = (DatasetError, ConfigError, ValueError, OSError, sqlite3.Error)
     try:
-        args.func(args)
-    except (DatasetError, ConfigError, FileNotFoundError, FileExistsError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        with _one_line_warnings():
+            args.func(args)
+    except user_errors as e:
+        print(format_error(e), file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 
