@@ -38,8 +38,10 @@ class ExportError(ValueError):
 
 
 def check_exportable(model: object, model_name: str = "model") -> None:
-    """Refuse, before any work, a model whose scoring function is not a self-contained torch graph."""
-    if not isinstance(model, nn.Module) or getattr(model, "gradient_trained", True) is False:
+    """Refuse, before any work, a model (instance or class) whose scoring function is not a
+    self-contained torch graph."""
+    cls = model if isinstance(model, type) else type(model)
+    if not issubclass(cls, nn.Module) or getattr(model, "gradient_trained", True) is False:
         raise ExportError(f"model {model_name!r} cannot be exported to ONNX / TorchScript: it is not a torch "
                           "graph (gradient_trained = False); serve it with `qdrank serve` instead")
     extra = tuple(getattr(model, "extra_inputs", ()) or ())
@@ -141,9 +143,12 @@ def onnx_feed(session, batch: Batch) -> dict[str, np.ndarray]:
 def export_run(run_dir: str | Path, fmt: str, out: str | Path | None = None, denoise_steps: int = 1,
                example: Batch | None = None) -> Path:
     """Export a run directory; the example input is a real request of the run's own feature map."""
-    from qdrank.training.checkpoint import load_model
+    from qdrank.models.registry import model_class
+    from qdrank.training.checkpoint import load_model, read_run_config
 
     run_dir = Path(run_dir)
+    name = read_run_config(run_dir).model_name
+    check_exportable(model_class(name), name)  # before loading weights a non-graph model may not even have
     model, cfg, fmap = load_model(run_dir, model_overrides={"denoise_steps": denoise_steps})
     if example is None:
         example = example_batch(fmap, cfg)
