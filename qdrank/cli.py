@@ -107,7 +107,7 @@ def cmd_evaluate(a) -> None:
     model, cfg, fmap = ckpt.load_model(run)
     out = Path(a.out) if a.out else run / f"eval_{a.split}"
     ensure_writable_dir(out)  # before the evaluation, not after it
-    data = a.data or json.loads((run / "data.json").read_text())["path"]
+    data = a.data or ckpt.read_run_json(run / "data.json", run)["path"]
     ds = SearchLogDataset(data, cfg.data, fmap=fmap, log=_log)
     device = resolve_device(cfg.train.device)
     model.to(device)

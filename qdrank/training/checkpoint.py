@@ -137,7 +137,8 @@ def load_tensors(path: str | os.PathLike[str], device: str | torch.device = "cpu
                               f"file: {first}); {_RESTORE}") from e
 
 
-def _read_json(path: Path, run_dir: Path):
+def read_run_json(path: Path, run_dir: Path):
+    """A JSON file of a run; missing or unparsable -> CheckpointError naming the run and the file."""
     if not path.is_file():
         raise CheckpointError(f"run {run_dir}: {_rel(path, run_dir)} is missing; {_RESTORE}")
     try:
@@ -198,7 +199,7 @@ def read_run_config(run_dir: Path) -> RunConfig:
     if not f.exists():
         raise CheckpointError(f"{run_dir} is not a run directory ({CONFIG} missing); train one with "
                               "`qdrank train --data DIR --model NAME --out RUN`")
-    d = _read_json(f, run_dir)
+    d = read_run_json(f, run_dir)
     try:
         return from_dict(d["model_name"], {k: d[k] for k in ("data", "train", "model")})
     except (KeyError, TypeError) as e:
@@ -211,7 +212,7 @@ def verify_run(run_dir: str | os.PathLike[str], weights: str = WEIGHTS) -> None:
     feature map readable, weights present and matching their checksum."""
     run_dir = Path(run_dir)
     read_run_config(run_dir)
-    _read_json(run_dir / FEATURE_MAP, run_dir)
+    read_run_json(run_dir / FEATURE_MAP, run_dir)
     wfile = run_dir / weights
     if not wfile.exists():
         raise CheckpointError(f"run {run_dir}: {weights} missing: the run has no finished epoch yet "
@@ -232,7 +233,7 @@ def load_model(run_dir: Path, weights: str = WEIGHTS, map_location: str | torch.
         known = {k: v for k, v in model_overrides.items() if hasattr(cfg.model, k)}
         cfg.model = dataclasses.replace(cfg.model, **known)
     try:
-        fmap = FeatureMap.from_dict(_read_json(run_dir / FEATURE_MAP, run_dir))
+        fmap = FeatureMap.from_dict(read_run_json(run_dir / FEATURE_MAP, run_dir))
     except (KeyError, TypeError) as e:
         raise CheckpointError(f"run {run_dir}: {FEATURE_MAP} is damaged (missing or malformed key {e}); "
                               f"{_RESTORE}") from e
@@ -284,7 +285,7 @@ def load_train_state(run_dir: Path, model: torch.nn.Module, optimizer: torch.opt
     f = sdir / STATE_JSON
     if not f.exists():
         return None
-    info = _read_json(f, run_dir)
+    info = read_run_json(f, run_dir)
     if not isinstance(info, dict) or not isinstance(info.get("tensors"), str) or "param_groups" not in info:
         raise CheckpointError(f"run {run_dir}: {STATE_DIR}/{STATE_JSON} is damaged (no 'tensors' / 'param_groups'); "
                               f"{_RESTORE}")
