@@ -124,13 +124,17 @@ def cmd_evaluate(a) -> None:
 # ---- demo / benchmark ---------------------------------------------------------------------
 def cmd_demo(a) -> None:
     from qdrank.evaluation.benchmark import run_demo
+    from qdrank.utils.io import ensure_writable_dir
 
+    ensure_writable_dir(Path(a.out))
     run_demo(Path(a.out), models=a.models.split(",") if a.models else None, log=_log)
 
 
 def cmd_benchmark(a) -> None:
     from qdrank.evaluation.benchmark import DEFAULT_GRID, BenchmarkSpec, parse_grid, run_benchmark
+    from qdrank.utils.io import ensure_writable_dir
 
+    ensure_writable_dir(Path(a.out))
     spec = BenchmarkSpec(data=Path(a.data), models=a.models.split(","), seeds=a.seeds,
                          overrides=a.set or [], search=not a.no_search, base_model=a.base,
                          grid=parse_grid(a.grid) if a.grid else dict(DEFAULT_GRID))
@@ -139,9 +143,11 @@ def cmd_benchmark(a) -> None:
 
 def cmd_ablate(a) -> None:
     from qdrank.evaluation.ablation import run_ablation
+    from qdrank.utils.io import ensure_writable_dir
 
     if a.model != "diffusiongs":
         raise SystemExit("error: only `qdrank ablate diffusiongs` has ablations defined")
+    ensure_writable_dir(Path(a.out))
     run_ablation(Path(a.data), Path(a.out), seeds=a.seeds, overrides=a.set, log=_log)
 
 

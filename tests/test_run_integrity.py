@@ -273,6 +273,20 @@ def test_temp_files_of_killed_writers_are_removed_on_next_start(run, tmp_path, c
     assert [n.split(".")[1] for n in _temps(store_dir)] == ["other"]  # only the store's own temps
 
 
+def test_stale_temp_rules(tmp_path):
+    from qdrank.utils.io import remove_stale_temps
+
+    legacy_old = tmp_path / ".model.safetensors.ab12cd34.tmp.safetensors"  # no pid: by age
+    legacy_new = tmp_path / ".config.json.zz12cd34.tmp.json"
+    unrelated = [tmp_path / ".hidden", tmp_path / ".model.safetensors", tmp_path / "x.tmp", tmp_path / ".a.b.tmp"]
+    for f in (legacy_old, legacy_new, *unrelated):
+        f.write_text("x")
+    os.utime(legacy_old, (0, 0))
+    assert remove_stale_temps(tmp_path) == [legacy_old]
+    assert sorted(f.name for f in tmp_path.iterdir()) == sorted(f.name for f in (legacy_new, *unrelated))
+    assert remove_stale_temps(tmp_path / "missing") == []
+
+
 def test_resume_cleans_temps_in_the_library_too(run):
     _killed_writer(run / ckpt.STATE_DIR / ckpt.STATE_JSON)
     assert _temps(run / ckpt.STATE_DIR)

@@ -61,6 +61,8 @@ def atomic_output(path: str | os.PathLike[str]) -> Iterator[Path]:
 def _pid_alive(pid: int) -> bool:
     if pid == os.getpid():
         return True
+    if os.name != "posix":  # os.kill(pid, 0) is not a probe there: assume alive, the age rule applies
+        return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -74,8 +76,9 @@ def remove_stale_temps(directory: str | os.PathLike[str], names: tuple[str, ...]
     """Remove temporary files that :func:`atomic_output` left in ``directory`` when its process was killed.
 
     A temp file is stale when the process that wrote it no longer runs (its pid is in the name), or,
-    for files from versions without the pid, when it is older than 10 minutes. ``names`` limits the
-    clean-up to temps of those target names. A missing directory is fine. Returns what was removed.
+    for files from versions without the pid (and off POSIX, where a pid cannot be probed), when it is
+    older than 10 minutes. ``names`` limits the clean-up to temps of those target names. A missing
+    directory is fine. Returns what was removed.
     """
     directory = Path(directory)
     removed: list[Path] = []
@@ -89,7 +92,8 @@ def remove_stale_temps(directory: str | os.PathLike[str], names: tuple[str, ...]
         if m is None or (names is not None and m["name"] not in names) or not f.is_file():
             continue
         try:
-            stale = (not _pid_alive(int(m["pid"]))) if m["pid"] else now - f.stat().st_mtime > _LEGACY_TEMP_AGE_S
+            old = now - f.stat().st_mtime > _LEGACY_TEMP_AGE_S
+            stale = (not _pid_alive(int(m["pid"])) or (old and os.name != "posix")) if m["pid"] else old
             if stale:
                 f.unlink()
                 removed.append(f)
