@@ -176,6 +176,15 @@ def test_damaged_json_and_manifest_are_refused(run, capsys):
     assert_one_line_error(*run_cli(capsys, "evaluate", run), "config.json is damaged")
 
 
+def test_weights_of_another_model_size_are_refused(run, capsys):
+    cfg = json.loads((run / ckpt.CONFIG).read_text())
+    cfg["model"]["dim"] = 2 * cfg["model"]["dim"]
+    (run / ckpt.CONFIG).write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"model\.safetensors \(model dnn\) does not match the model: .*size"):
+        load_model(run)
+    assert_one_line_error(*run_cli(capsys, "evaluate", run), "does not match the model", "retrain it")
+
+
 def test_damaged_resume_state_is_refused(run, tiny_data, capsys):
     from qdrank.data.dataset import SearchLogDataset
     from qdrank.training.trainer import Trainer

@@ -213,11 +213,29 @@ def verify_run(run_dir: str | os.PathLike[str], weights: str = WEIGHTS) -> None:
     run_dir = Path(run_dir)
     read_run_config(run_dir)
     read_run_json(run_dir / FEATURE_MAP, run_dir)
+    verify_tensor_file(_weights_file(run_dir, weights), run_dir)
+
+
+def _weights_file(run_dir: Path, weights: str) -> Path:
     wfile = run_dir / weights
     if not wfile.exists():
         raise CheckpointError(f"run {run_dir}: {weights} missing: the run has no finished epoch yet "
                               "(resume it with `qdrank train ... --resume`)")
-    verify_tensor_file(wfile, run_dir)
+    return wfile
+
+
+def _load_state(model: torch.nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+    """load_state_dict that reports a foreign checkpoint (missing / extra keys, other shapes) as one error."""
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # size mismatch: trained with another vocabulary or model size
+        detail = " ".join(str(e).split())[:300]
+        raise CheckpointError(f"{what} does not match the model: {detail}; retrain it") from e
+    # buffers a model can rebuild (e.g. DiffusionGS's fixed inference noise) may be absent in older runs
+    missing = [k for k in missing if k not in getattr(model, "rebuildable_state", ())]
+    if missing or unexpected:
+        raise CheckpointError(f"{what} does not match the model: missing {missing[:5]}, unexpected "
+                              f"{unexpected[:5]}; retrain it")
 
 
 def load_model(run_dir: Path, weights: str = WEIGHTS, map_location: str | torch.device = "cpu",
@@ -237,18 +255,9 @@ def load_model(run_dir: Path, weights: str = WEIGHTS, map_location: str | torch.
     except (KeyError, TypeError) as e:
         raise CheckpointError(f"run {run_dir}: {FEATURE_MAP} is damaged (missing or malformed key {e}); "
                               f"{_RESTORE}") from e
-    wfile = run_dir / weights
-    if not wfile.exists():
-        raise CheckpointError(f"run {run_dir}: {weights} missing: the run has no finished epoch yet "
-                              "(resume it with `qdrank train ... --resume`)")
-    state = load_tensors(wfile, map_location, run_dir)
+    state = load_tensors(_weights_file(run_dir, weights), map_location, run_dir)
     model = model_class(cfg.model_name)(fmap, cfg.model)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    # buffers a model can rebuild (e.g. DiffusionGS's fixed inference noise) may be absent in older runs
-    missing = [k for k in missing if k not in getattr(model, "rebuildable_state", ())]
-    if missing or unexpected:
-        raise CheckpointError(f"run {run_dir}: {weights} does not match model {cfg.model_name}: missing "
-                              f"{missing[:5]}, unexpected {unexpected[:5]}; retrain it")
+    _load_state(model, state, f"run {run_dir}: {weights} (model {cfg.model_name})")
     model.to(map_location)
     model.eval()
     return model, cfg, fmap
@@ -290,12 +299,8 @@ def load_train_state(run_dir: Path, model: torch.nn.Module, optimizer: torch.opt
         raise CheckpointError(f"run {run_dir}: {STATE_DIR}/{STATE_JSON} is damaged (no 'tensors' / 'param_groups'); "
                               f"{_RESTORE}")
     tensors = load_tensors(sdir / Path(info["tensors"]).name, "cpu", run_dir)
-    missing, unexpected = model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")},
-                                                strict=False)
-    missing = [k for k in missing if k not in getattr(model, "rebuildable_state", ())]
-    if missing or unexpected:
-        raise CheckpointError(f"run {run_dir}: {STATE_DIR}/{info['tensors']} does not match model: missing "
-                              f"{missing[:5]}, unexpected {unexpected[:5]}; start a new run")
+    _load_state(model, {k[6:]: v for k, v in tensors.items() if k.startswith("model.")},
+                f"run {run_dir}: {STATE_DIR}/{info['tensors']}")
     state: dict = {}
     for k, v in tensors.items():
         if k.startswith("opt."):
