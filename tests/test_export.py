@@ -182,3 +182,22 @@ def test_export_os_error_is_an_os_error(fmt, tiny_runs, tmp_path):
     with pytest.raises(OSError) as e:
         export_run(run, fmt, blocker / "out" / "m.bin")
     assert not isinstance(e.value, ExportError) and "file" in str(e.value)
+
+
+def test_export_disk_full_is_an_os_error(tiny_runs, tmp_path, monkeypatch):
+    """An exporter that wraps the file system's error (here: ENOSPC) still surfaces the OSError."""
+    import errno
+
+    _, _, run = tiny_runs("dnn")
+
+    def full_disk(*a, **k):
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "m.onnx"))
+        except OSError as e:
+            raise RuntimeError("serialization failed") from e
+
+    monkeypatch.setattr(torch.onnx, "export", full_disk)
+    with pytest.raises(OSError) as e:
+        export_run(run, "onnx", tmp_path / "m.onnx")
+    assert e.value.errno == errno.ENOSPC and not isinstance(e.value, ExportError)
+    assert not [f for f in tmp_path.iterdir() if f.name.startswith(".m.onnx")]

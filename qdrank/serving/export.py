@@ -96,24 +96,35 @@ def _one_line(e: BaseException, limit: int = 300) -> str:
     return f"{type(e).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"
 
 
+def _os_error(e: BaseException) -> OSError | None:
+    """The OSError behind an exporter's exception (exporters wrap what the file system said), if any."""
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, OSError):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
+
+
 def _export(wrapper: nn.Module, args: tuple, out: Path, fmt: str, model_name: str, opset: int) -> None:
     if fmt == "torchscript":
         try:
             with torch.no_grad():
                 traced = torch.jit.trace(wrapper, args, check_trace=False, strict=False)
             traced.save(str(out))
-        except OSError:
-            raise
         except Exception as e:
+            if (os_err := _os_error(e)) is not None:
+                raise os_err from None
             raise ExportError(f"TorchScript trace of model {model_name!r} failed: {_one_line(e)}") from e
     else:
         try:
             with torch.no_grad():
                 torch.onnx.export(wrapper, args, str(out), input_names=INPUT_NAMES, output_names=OUTPUT_NAMES,
                                   dynamic_axes=_dynamic_axes(), opset_version=opset, dynamo=False)
-        except OSError:
-            raise
         except Exception as e:
+            if (os_err := _os_error(e)) is not None:
+                raise os_err from None
             op = _failing_op(e)
             raise ExportError(f"ONNX export of model {model_name!r} failed{' at op ' + op if op else ''}: "
                               f"{_one_line(e)}") from e
