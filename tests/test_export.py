@@ -147,6 +147,28 @@ def test_diffusiongs_loads_runs_saved_without_the_table(tiny_runs, tmp_path):
         assert torch.equal(loaded(b, use_position=False).ctr_logit, model(b, use_position=False).ctr_logit)
 
 
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_diffusiongs_multi_step_export_parity(fmt, tiny_runs, tmp_path):
+    """The reverse chain (3 denoiser calls, posterior means between them) exports as well."""
+    from qdrank.training.checkpoint import load_model
+
+    one_step, cfg, run = tiny_runs("diffusiongs")
+    out = export_run(run, fmt, tmp_path / f"m3.{fmt}", denoise_steps=3)
+    model, _, fmap = load_model(run, model_overrides={"denoise_steps": 3})
+    assert model.denoise_steps == 3
+    exported = _scorer(fmt, out)
+    for n_hist, n_cand in [(0, 2), (9, 6), (35, 11)]:
+        b = example_batch(fmap, cfg, n_candidates=n_cand, n_history=n_hist)
+        with torch.inference_mode():
+            ref = model(b, use_position=False)
+        ctr, cvr = exported(b)
+        assert np.abs(ctr - ref.ctr_logit.numpy()).max() < TOL
+        assert np.abs(cvr - ref.cvr_logit.numpy()).max() < TOL
+        if n_hist:  # the chain matters: 3 steps score differently from 1
+            with torch.inference_mode():
+                assert np.abs(ctr - one_step(b, use_position=False).ctr_logit.numpy()).max() > 1e-6
+
+
 class _Trees(nn.Module):
     """Stands for a model that is not a torch graph (a tree ensemble)."""
 
