@@ -263,16 +263,16 @@ def _extension_commands():
     return out
 
 
-_OS_HINTS = {
-    errno.EACCES: "no permission: fix the permissions or choose another location",
-    errno.EPERM: "not permitted: fix the permissions or choose another location",
-    errno.EROFS: "read-only file system: choose another location",
-    errno.ENOSPC: "no space left: free disk space or choose another location",
-    errno.EDQUOT: "disk quota exceeded: free space or choose another location",
+_OS_HINTS = {  # what to do, by errno (the OS already says what went wrong)
+    errno.EACCES: "fix the permissions or choose another location",
+    errno.EPERM: "fix the permissions or choose another location",
+    errno.EROFS: "the file system is read-only: choose another location",
+    errno.ENOSPC: "free disk space or choose another location",
+    getattr(errno, "EDQUOT", -1): "free space within your quota or choose another location",
     errno.ENOTDIR: "a part of this path is a file, not a directory: choose another location",
-    errno.EISDIR: "this is a directory: give a file path",
-    errno.ENOENT: "no such file or directory: check the path",
-    errno.EEXIST: "already exists: remove it or choose another path",
+    errno.EISDIR: "give a file path, not a directory",
+    errno.ENOENT: "check the path",
+    errno.EEXIST: "remove it or choose another path",
 }
 
 

@@ -361,8 +361,8 @@ def test_format_error_shapes():
     from qdrank.cli import format_error
 
     assert format_error(PermissionError(errno.EACCES, "Permission denied", "/x/y")) == \
-        "error: /x/y: Permission denied — no permission: fix the permissions or choose another location"
-    assert format_error(OSError(errno.ENOSPC, "No space left on device", "/d/f")).startswith(
-        "error: /d/f: No space left on device — no space left")
+        "error: /x/y: Permission denied — fix the permissions or choose another location"
+    assert format_error(OSError(errno.ENOSPC, "No space left on device", "/d/f")) == \
+        "error: /d/f: No space left on device — free disk space or choose another location"
     assert format_error(FileNotFoundError("trivago: no input in /q")) == "error: trivago: no input in /q"
     assert format_error(ValueError("a\n  b")) == "error: a b"
