@@ -161,6 +161,29 @@ def test_commands_refuse_a_damaged_run(command, kind, run, tmp_path, capsys, mon
     assert_one_line_error(rc, err, f"run {run}: model.safetensors is damaged", "retrain or restore it")
 
 
+def test_intact_and_legacy_runs_pass_the_checks(run, tmp_path, capsys, monkeypatch):
+    """The checks refuse only damage: an intact run serves, a run from before checksums exports with a
+    one-line warning."""
+    import qdrank.serving.http as http
+
+    started = []
+    monkeypatch.setattr(http, "serve", lambda ranker, host, port, **k: started.append((host, port)))
+    rc, err = run_cli(capsys, "serve", run, "--port", "8123")
+    assert rc == 0 and started == [("127.0.0.1", 8123)], err
+    (run / ckpt.CHECKSUMS).unlink()
+    with pytest.warns(UserWarning, match=r"model\.safetensors has no checksum"):
+        rc, err = run_cli(capsys, "export", run, "--format", "torchscript", "--out", tmp_path / "m.pt")
+    assert rc == 0 and (tmp_path / "m.pt").exists(), err
+    import warnings
+
+    from qdrank.cli import _one_line_warnings
+
+    with _one_line_warnings():  # how the CLI prints it (pytest records warnings instead of printing them)
+        assert warnings.formatwarning("run R: x has no checksum", UserWarning, "f.py", 1) == \
+            "warning: run R: x has no checksum\n"
+    assert warnings.formatwarning("m", UserWarning, "f.py", 1) != "warning: m\n"  # restored afterwards
+
+
 def test_damaged_json_and_manifest_are_refused(run, capsys):
     good = (run / ckpt.CHECKSUMS).read_text()
     (run / ckpt.CHECKSUMS).write_text(good[: len(good) // 2])
