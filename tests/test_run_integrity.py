@@ -370,12 +370,13 @@ def test_output_that_is_a_file_is_one_line(blocked, tiny_data, capsys, monkeypat
 
 
 def test_real_process_exit_code_and_stderr(blocked, tiny_data):
+    """The installed entry point as a process: exit code 2, one line on stderr, nothing on stdout."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     r = subprocess.run([sys.executable, "-c", "import sys; from qdrank.cli import main; sys.exit(main())",
-                        "train", "--data", str(tiny_data), "--model", "dnn", "--out", str(blocked / "run")],
+                        "store", "load", "--data", str(tiny_data), "--store", str(blocked / "s.sqlite")],
                        env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and r.stdout == ""
-    assert_one_line_error(r.returncode, r.stderr, f"{blocked}/run: Not a directory")
+    assert_one_line_error(r.returncode, r.stderr, f"{blocked}: exists and is not a directory")
 
 
 def test_format_error_shapes():
