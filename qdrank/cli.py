@@ -1,11 +1,22 @@
-"""The ``qdrank`` command line. Each sub-command is a thin layer over a library function."""
+"""The ``qdrank`` command line. Each sub-command is a thin layer over a library function.
+
+Errors: a user mistake (bad config, dataset, damaged run, unexportable model) or an OS error (read-only
+or full disk, a path under a file) ends the command with one line ``error: ...`` on stderr and exit
+code 2, never a traceback (:func:`main`). Commands that write check their output location before
+they load data.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import json
 import os
+import sqlite3
 import sys
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 DATA_ENV = "QDRANK_DATA"
@@ -32,10 +43,12 @@ def _resolve_input(source: str, given: str | None) -> Path | None:
 def cmd_prepare(a) -> None:
     from qdrank.config import parse_key_values
     from qdrank.data.sources import prepare_source
+    from qdrank.utils.io import ensure_writable_dir
 
     opts = parse_key_values(a.option, "--option")
     if a.scale:
         opts["scale"] = a.scale
+    ensure_writable_dir(Path(a.out).resolve().parent)  # the dataset is built beside --out, then renamed
     rep = prepare_source(a.source, _resolve_input(a.source, a.input), Path(a.out), seed=a.seed, **opts)
     print(f"wrote {a.out}: {rep.n_requests:,} requests, {rep.n_impressions:,} impressions, "
           f"{rep.n_behaviors:,} behaviours (validated)")
@@ -72,9 +85,14 @@ def cmd_inspect(a) -> None:
 def cmd_train(a) -> None:
     from qdrank.config import build_config
     from qdrank.data.shards import open_dataset
+    from qdrank.training import checkpoint as ckpt
     from qdrank.training.trainer import Trainer
+    from qdrank.utils.io import ensure_writable_dir
 
     cfg = build_config(a.model, Path(a.config) if a.config else None, a.set)
+    ensure_writable_dir(Path(a.out))  # before minutes of loading data
+    for f in ckpt.clean_run_dir(Path(a.out)):
+        _log(f"removed {f.name}: a temp file left by an interrupted run")
     ds = open_dataset(a.data, cfg.data, log=_log)
     if int(os.environ.get("RANK", "0")) == 0:
         _log("features:\n" + ds.fmap.describe())
@@ -92,11 +110,14 @@ def cmd_evaluate(a) -> None:
     from qdrank.evaluation.evaluate import evaluate
     from qdrank.evaluation.report import markdown_table, write_report
     from qdrank.training import checkpoint as ckpt
+    from qdrank.utils.io import ensure_writable_dir
     from qdrank.utils.runtime import resolve_device
 
     run = Path(a.run)
     model, cfg, fmap = ckpt.load_model(run)
-    data = a.data or json.loads((run / "data.json").read_text())["path"]
+    out = Path(a.out) if a.out else run / f"eval_{a.split}"
+    ensure_writable_dir(out)  # before the evaluation, not after it
+    data = a.data or ckpt.read_run_json(run / "data.json", run)["path"]
     ds = open_dataset(data, cfg.data, fmap=fmap, log=_log)
     device = resolve_device(cfg.train.device)
     model.to(device)
@@ -105,7 +126,6 @@ def cmd_evaluate(a) -> None:
     cols = [(k, k) for k in ("ctr_auc", "ctr_gauc", "ctr_gauc_w", "ctr_logloss", "cvr_auc", "cvr_gauc",
                              "oracle_ctr_auc", "oracle_ctr_gauc") if k in m]
     md = markdown_table([row], cols, title=f"{cfg.model_name} on {data} ({a.split})")
-    out = Path(a.out) if a.out else run / f"eval_{a.split}"
     write_report(out, "evaluation", {"run": str(run), "data": str(data), "split": a.split, "metrics": m}, md)
     print(md)
     print(f"\nreport written to {out}/evaluation.json and .md")
@@ -114,13 +134,17 @@ def cmd_evaluate(a) -> None:
 # ---- demo / benchmark ---------------------------------------------------------------------
 def cmd_demo(a) -> None:
     from qdrank.evaluation.benchmark import run_demo
+    from qdrank.utils.io import ensure_writable_dir
 
+    ensure_writable_dir(Path(a.out))
     run_demo(Path(a.out), models=a.models.split(",") if a.models else None, log=_log)
 
 
 def cmd_benchmark(a) -> None:
     from qdrank.evaluation.benchmark import DEFAULT_GRID, BenchmarkSpec, parse_grid, run_benchmark
+    from qdrank.utils.io import ensure_writable_dir
 
+    ensure_writable_dir(Path(a.out))
     spec = BenchmarkSpec(data=Path(a.data), models=a.models.split(","), seeds=a.seeds,
                          overrides=a.set or [], search=not a.no_search, base_model=a.base,
                          grid=parse_grid(a.grid) if a.grid else dict(DEFAULT_GRID))
@@ -129,15 +153,19 @@ def cmd_benchmark(a) -> None:
 
 def cmd_ablate(a) -> None:
     from qdrank.evaluation.ablation import run_ablation
+    from qdrank.utils.io import ensure_writable_dir
 
     if a.model != "diffusiongs":
         raise SystemExit("error: only `qdrank ablate diffusiongs` has ablations defined")
+    ensure_writable_dir(Path(a.out))
     run_ablation(Path(a.data), Path(a.out), seeds=a.seeds, overrides=a.set, log=_log)
 
 
 def cmd_explain(a) -> None:
     from qdrank.evaluation.explain import explain_request, steering
+    from qdrank.utils.io import ensure_writable_dir
 
+    ensure_writable_dir(Path(a.out).resolve().parent)
     if a.steering:
         r = steering(Path(a.run), Path(a.data) if a.data else None, a.steering, Path(a.out), split=a.split)
         print(f"query steering over {r['measured']} {a.split} requests ({r['relevance']}): mean correlation of "
@@ -252,16 +280,58 @@ def _extension_commands():
     return out
 
 
+_OS_HINTS = {  # what to do, by errno (the OS already says what went wrong)
+    errno.EACCES: "fix the permissions or choose another location",
+    errno.EPERM: "fix the permissions or choose another location",
+    errno.EROFS: "the file system is read-only: choose another location",
+    errno.ENOSPC: "free disk space or choose another location",
+    getattr(errno, "EDQUOT", -1): "free space within your quota or choose another location",
+    errno.ENOTDIR: "a part of this path is a file, not a directory: choose another location",
+    errno.EISDIR: "give a file path, not a directory",
+    errno.ENOENT: "check the path",
+    errno.EEXIST: "remove it or choose another path",
+}
+
+
+def format_error(e: BaseException) -> str:
+    """One line ``error: <path>: <what> — <what to do>`` for an OS error, ``error: <message>`` otherwise."""
+    if isinstance(e, OSError) and e.strerror and e.filename is not None:
+        path = f"{e.filename} -> {e.filename2}" if e.filename2 is not None else str(e.filename)
+        hint = _OS_HINTS.get(e.errno, "check the path, its permissions and the free disk space")
+        return f"error: {path}: {e.strerror} — {hint}"
+    if isinstance(e, sqlite3.Error):
+        return f"error: SQLite store: {e} — check the --store path, its permissions and free disk space"
+    msg = " ".join(str(e).split()) or type(e).__name__
+    return f"error: {msg}"
+
+
+@contextlib.contextmanager
+def _one_line_warnings() -> Iterator[None]:
+    """Show warnings as ``warning: <message>`` (no source line) while a command runs."""
+    previous = warnings.formatwarning
+    warnings.formatwarning = lambda message, *args, **kwargs: f"warning: {message}\n"
+    try:
+        yield
+    finally:
+        warnings.formatwarning = previous
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from qdrank.config import ConfigError
     from qdrank.data.schema import DatasetError
 
+    # CheckpointError (damaged run) and ExportError are ValueErrors; importing them here would load torch
+    user_errors = (DatasetError, ConfigError, ValueError, OSError, sqlite3.Error)
     try:
-        args.func(args)
-    except (DatasetError, ConfigError, FileNotFoundError, FileExistsError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        with _one_line_warnings():
+            args.func(args)
+    except user_errors as e:
+        print(format_error(e), file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -224,7 +224,10 @@ class DiffusionGS(RankModel):
         self.static_head = nn.Linear(d, d)
         self.dynamic_head = nn.Linear(d, d)
         self.denoise_steps = cfg.denoise_steps
-        self._noise_table: torch.Tensor | None = None
+        # Inference noise as a stored constant, not a generator call, so ONNX / TorchScript export sees a
+        # tensor and every history length reads the same rows (recency is capped at max_positions - 1).
+        self.register_buffer("infer_noise_table", fixed_noise(cfg.max_positions, d, INFER_NOISE_SEED))
+        self.rebuildable_state = ("infer_noise_table",)  # runs saved before it was stored: rebuilt from the seed
         self.build_head(n_request_vectors=2 if cfg.query_in_head else 1, n_candidate_vectors=2)
 
     # ---- pieces -------------------------------------------------------------------------------
@@ -285,13 +288,8 @@ class DiffusionGS(RankModel):
         return s + d, (s, d)
 
     def _inference_noise(self, rec: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        need = int(rec.max()) + 1 if rec.numel() else 1
-        tab = self._noise_table
-        if tab is None or tab.shape[0] < need or tab.device != like.device or tab.dtype != like.dtype:
-            rows = max(need, tab.shape[0] if tab is not None else 0)
-            tab = fixed_noise(rows, self.cfg.dim, INFER_NOISE_SEED).to(like.device, like.dtype)
-            self._noise_table = tab
-        return tab[rec]
+        """Fixed noise per (recency, dim): a lookup in the stored table, [R, L] -> [R, L, d]."""
+        return self.infer_noise_table[rec].to(like.dtype)
 
     def train_chain(self, x_t: torch.Tensor, t: torch.Tensor, q: torch.Tensor, gate_in: torch.Tensor,
                     mask: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:

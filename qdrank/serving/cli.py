@@ -19,7 +19,9 @@ def _serving_overrides(pairs: list[str]) -> dict:
 def cmd_serve(a) -> None:
     from qdrank.serving.http import serve
     from qdrank.serving.ranker import Ranker
+    from qdrank.training.checkpoint import verify_run
 
+    verify_run(Path(a.run))  # a damaged run (checksum, format) never starts serving
     over = _serving_overrides(a.set)
     if a.threads is not None:
         over["num_threads"] = a.threads
@@ -36,7 +38,11 @@ def cmd_store_load(a) -> None:
     import time
 
     from qdrank.serving.store import HistoryStore
+    from qdrank.utils.io import ensure_writable_dir, remove_stale_temps
 
+    store = Path(a.store)
+    ensure_writable_dir(store.resolve().parent)  # before reading the dataset
+    remove_stale_temps(store.resolve().parent, names=(store.name,))
     t0 = time.perf_counter()
     with HistoryStore(Path(a.store)) as st:
         n = st.load_dataset(Path(a.data), replace=not a.append)

@@ -7,11 +7,17 @@ exactly what :class:`~qdrank.serving.ranker.Ranker` scores. Build the inputs wit
 :func:`qdrank.serving.ranker.encode_request`. A ``FILE.json`` beside the export lists the inputs, their
 dtypes and shapes. ONNX drops inputs the graph does not use (labels, position, request id): feed only
 the names ``session.get_inputs()`` lists (:func:`onnx_feed` does that).
+
+Every model of the registry that is a torch graph exports; the graph holds no random-number generator
+(DiffusionGS's inference noise is a stored table), so the export scores any history length and
+candidate count as the model does. A model that is not a torch graph (``gradient_trained = False``,
+e.g. a tree ensemble) or that reads extra batch inputs serving cannot build is refused with
+:class:`ExportError`. Files are written atomically; an OS error (read-only or full disk) is raised as
+the :class:`OSError` it is, not as an export failure.
 """
 
 from __future__ import annotations
 
-import json
 import warnings
 from pathlib import Path
 
@@ -20,6 +26,7 @@ import torch
 from torch import nn
 
 from qdrank.data.batch import TENSOR_FIELDS, Batch
+from qdrank.utils.io import atomic_output, atomic_write_json, ensure_writable_dir
 
 INPUT_NAMES = list(TENSOR_FIELDS)
 OUTPUT_NAMES = ["ctr_logit", "cvr_logit"]
@@ -27,7 +34,20 @@ FORMATS = ("onnx", "torchscript")
 
 
 class ExportError(ValueError):
-    pass
+    """The model cannot be exported (not a torch graph, unsupported inputs, or an op the exporter lacks)."""
+
+
+def check_exportable(model: object, model_name: str = "model") -> None:
+    """Refuse, before any work, a model (instance or class) whose scoring function is not a
+    self-contained torch graph."""
+    cls = model if isinstance(model, type) else type(model)
+    if not issubclass(cls, nn.Module) or getattr(model, "gradient_trained", True) is False:
+        raise ExportError(f"model {model_name!r} cannot be exported to ONNX / TorchScript: it is not a torch "
+                          "graph (gradient_trained = False); serve it with `qdrank serve` instead")
+    extra = tuple(getattr(model, "extra_inputs", ()) or ())
+    if extra:
+        raise ExportError(f"model {model_name!r} cannot be exported: it reads extra batch inputs {list(extra)} "
+                          "that the exported graph's inputs (the Batch fields) do not carry")
 
 
 class ScoringModule(nn.Module):
@@ -58,15 +78,33 @@ def export_model(model: nn.Module, example: Batch, out: str | Path, fmt: str, mo
     """Write the scoring function of ``model`` to ``out`` (+ ``out.json`` describing the inputs)."""
     if fmt not in FORMATS:
         raise ValueError(f"export format must be one of {FORMATS}, got {fmt!r}")
+    check_exportable(model, model_name)
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    ensure_writable_dir(out.parent)  # an OS error is reported as one, before minutes of tracing
     model.eval()
     wrapper = ScoringModule(model).eval()
     args = batch_inputs(example)
     with warnings.catch_warnings():  # tracer/deprecation chatter; parity is what the tests check
         warnings.simplefilter("ignore")
-        _export(wrapper, args, out, fmt, model_name, opset)
+        with atomic_output(out) as tmp:
+            _export(wrapper, args, tmp, fmt, model_name, opset)
     return _write_meta(out, fmt, model_name, args)
+
+
+def _one_line(e: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"
+
+
+def _os_error(e: BaseException) -> OSError | None:
+    """The OSError behind an exporter's exception (exporters wrap what the file system said), if any."""
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, OSError):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def _export(wrapper: nn.Module, args: tuple, out: Path, fmt: str, model_name: str, opset: int) -> None:
@@ -76,16 +114,20 @@ def _export(wrapper: nn.Module, args: tuple, out: Path, fmt: str, model_name: st
                 traced = torch.jit.trace(wrapper, args, check_trace=False, strict=False)
             traced.save(str(out))
         except Exception as e:
-            raise ExportError(f"TorchScript trace of model {model_name!r} failed: {type(e).__name__}: {e}") from e
+            if (os_err := _os_error(e)) is not None:
+                raise os_err from None
+            raise ExportError(f"TorchScript trace of model {model_name!r} failed: {_one_line(e)}") from e
     else:
         try:
             with torch.no_grad():
                 torch.onnx.export(wrapper, args, str(out), input_names=INPUT_NAMES, output_names=OUTPUT_NAMES,
                                   dynamic_axes=_dynamic_axes(), opset_version=opset, dynamo=False)
         except Exception as e:
+            if (os_err := _os_error(e)) is not None:
+                raise os_err from None
             op = _failing_op(e)
             raise ExportError(f"ONNX export of model {model_name!r} failed{' at op ' + op if op else ''}: "
-                              f"{type(e).__name__}: {str(e)[:2000]}") from e
+                              f"{_one_line(e)}") from e
 
 
 def _write_meta(out: Path, fmt: str, model_name: str, args: tuple) -> Path:
@@ -93,7 +135,7 @@ def _write_meta(out: Path, fmt: str, model_name: str, args: tuple) -> Path:
             "inputs": [{"name": n, "dtype": str(t.dtype).replace("torch.", ""), "shape": list(t.shape)}
                        for n, t in zip(INPUT_NAMES, args)],
             "note": "inputs are the Batch tensors of one request (R=1); the candidate axis is dynamic"}
-    out.with_name(out.name + ".json").write_text(json.dumps(meta, indent=2))
+    atomic_write_json(out.with_name(out.name + ".json"), meta)
     return out
 
 
@@ -112,9 +154,12 @@ def onnx_feed(session, batch: Batch) -> dict[str, np.ndarray]:
 def export_run(run_dir: str | Path, fmt: str, out: str | Path | None = None, denoise_steps: int = 1,
                example: Batch | None = None) -> Path:
     """Export a run directory; the example input is a real request of the run's own feature map."""
-    from qdrank.training.checkpoint import load_model
+    from qdrank.models.registry import model_class
+    from qdrank.training.checkpoint import load_model, read_run_config
 
     run_dir = Path(run_dir)
+    name = read_run_config(run_dir).model_name
+    check_exportable(model_class(name), name)  # before loading weights a non-graph model may not even have
     model, cfg, fmap = load_model(run_dir, model_overrides={"denoise_steps": denoise_steps})
     if example is None:
         example = example_batch(fmap, cfg)

@@ -4,26 +4,34 @@ Every artefact (reports, JSON summaries, plots, checkpoints' side files) is writ
 temporary file in the *same directory* as the target and then moved into place with
 :func:`os.replace`, which is atomic on POSIX and Windows. A reader therefore sees either
 the old file or the complete new one, never a half-written file, and a crash leaves at
-most a hidden ``.<name>.*.tmp`` file behind (removed on any Python exception).
+most a hidden ``.<name>.<pid>.*.tmp`` file behind (removed on any Python exception; after a
+kill, :func:`remove_stale_temps` removes it on the next start, because its writer is gone).
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import errno
 import json
 import math
 import os
+import re
 import tempfile
+import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-__all__ = ["atomic_output", "atomic_write_bytes", "atomic_write_json", "atomic_write_text", "to_jsonable"]
+__all__ = ["atomic_output", "atomic_write_bytes", "atomic_write_json", "atomic_write_text", "ensure_writable_dir",
+           "remove_stale_temps", "to_jsonable"]
 
 _FILE_MODE = 0o644
+# .<target name>.<writer pid>.<8 mkstemp chars>.tmp<suffix>; files of older versions have no pid
+_TEMP_RE = re.compile(r"^\.(?P<name>.+?)\.(?:(?P<pid>\d+)\.)?[a-z0-9_]{8}\.tmp(?:\.[^.]+)?$")
+_LEGACY_TEMP_AGE_S = 600.0
 
 
 @contextlib.contextmanager
@@ -36,7 +44,8 @@ def atomic_output(path: str | os.PathLike[str]) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f".tmp{path.suffix}")
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.",
+                                    suffix=f".tmp{path.suffix}")
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -47,6 +56,67 @@ def atomic_output(path: str | os.PathLike[str]) -> Iterator[Path]:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         raise
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    if os.name != "posix":  # os.kill(pid, 0) is not a probe there: assume alive, the age rule applies
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):  # another user's live process, or no way to ask (Windows)
+        return True
+    return True
+
+
+def remove_stale_temps(directory: str | os.PathLike[str], names: tuple[str, ...] | None = None) -> list[Path]:
+    """Remove temporary files that :func:`atomic_output` left in ``directory`` when its process was killed.
+
+    A temp file is stale when the process that wrote it no longer runs (its pid is in the name), or,
+    for files from versions without the pid (and off POSIX, where a pid cannot be probed), when it is
+    older than 10 minutes. ``names`` limits the clean-up to temps of those target names. A missing
+    directory is fine. Returns what was removed.
+    """
+    directory = Path(directory)
+    removed: list[Path] = []
+    try:
+        entries = list(directory.iterdir())
+    except (FileNotFoundError, NotADirectoryError):
+        return removed
+    now = time.time()
+    for f in entries:
+        m = _TEMP_RE.match(f.name)
+        if m is None or (names is not None and m["name"] not in names) or not f.is_file():
+            continue
+        try:
+            old = now - f.stat().st_mtime > _LEGACY_TEMP_AGE_S
+            stale = (not _pid_alive(int(m["pid"])) or (old and os.name != "posix")) if m["pid"] else old
+            if stale:
+                f.unlink()
+                removed.append(f)
+        except FileNotFoundError:  # removed meanwhile
+            continue
+    return removed
+
+
+def ensure_writable_dir(directory: str | os.PathLike[str]) -> Path:
+    """Create ``directory`` if needed and prove it is writable by creating and removing a file there.
+
+    Raises the :class:`OSError` of the failing step (naming the path), so a command can refuse *before*
+    it spends minutes loading data. Works for root too, for whom permission bits do not apply: a
+    read-only mount or a parent that is a file still fail here.
+    """
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, "exists and is not a directory", str(directory))
+    directory.mkdir(parents=True, exist_ok=True)
+    fd, probe = tempfile.mkstemp(dir=directory, prefix=f".qdrank-write-check.{os.getpid()}.")
+    os.close(fd)
+    os.unlink(probe)
+    return directory
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
