@@ -403,6 +403,7 @@ class Ranker:
         self.alpha = float(s.alpha)
         self.store = store if store is not None else HistoryStore(None)
         self.encoder = RequestEncoder(fmap, cfg.data, s.max_history or None)
+        self.known = self.encoder.known_features()
         if s.num_threads > 0:
             torch.set_num_threads(int(s.num_threads))
         model.eval()
@@ -425,7 +426,7 @@ class Ranker:
         """Checks a request (shape, types, sizes: RequestError naming the field) -> its plain dict."""
         s = self.serving
         body = request.to_plain() if isinstance(request, RankRequest) else request
-        return check_rank_request(body, s.max_candidates, s.max_history_inline)
+        return check_rank_request(body, s.max_candidates, s.max_history_inline, self.known)
 
     def check_limits(self, req: RankRequest | dict) -> None:  # kept for callers of the old API
         self.check(req)
@@ -499,7 +500,7 @@ class Ranker:
     def append_events(self, events: list | dict) -> int:
         """Events (dicts or :class:`~qdrank.serving.schemas.Event`) -> appended count; checked first."""
         evs = [e if isinstance(e, dict) else e.model_dump() for e in events]
-        return self.store.append(check_events({"events": evs}, self.serving.max_events))
+        return self.store.append(check_events({"events": evs}, self.serving.max_events, self.known["behavior"]))
 
     def info(self) -> dict[str, Any]:
         """What ``GET /v1/model`` shows: no absolute paths (run and store by name only)."""

@@ -44,7 +44,7 @@ MAX_FEATURES = 256
 TS_MIN, TS_MAX = -(2**40), 2**40  # seconds; keeps time gaps far from int64 overflow
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 NUMERIC_Z_CLIP = 30.0  # standardised numeric features are clipped to +/- this many training std
-NUMBER_RE = re.compile(r"^\s*[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?\s*$")
+NUMBER_RE = re.compile(r"^[ \t\n\r]*[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?[ \t\n\r]*$")
 NUMBER_PATTERN = NUMBER_RE.pattern
 BEHAVIOR_FIELDS = ("item_id", "timestamp", "action", "query")
 RANK_FIELDS = ("user_id", "query", "context", "profile", "timestamp", "history", "candidates")
@@ -70,6 +70,8 @@ def decode_json(body: bytes) -> Any:
         return _DECODER.decode(body)
     except (msgspec.DecodeError, msgspec.ValidationError) as e:
         raise RequestError(("body",), f"invalid JSON: {str(e)[:200]}", kind="json_invalid") from None
+    except RecursionError:
+        raise RequestError(("body",), "invalid JSON: nested too deeply", kind="json_invalid") from None
 
 
 # ---- single values ---------------------------------------------------------------------------------
@@ -137,8 +139,26 @@ def check_value(v: Any, loc: tuple) -> None:
         _check_scalar(v, loc)
 
 
-def check_features(d: Any, loc: tuple) -> dict[str, Any]:
-    """A dict of feature values (``context``, ``profile``)."""
+def check_typed(v: Any, ftype: str, loc: tuple) -> None:
+    """A value of a feature the model knows: its type's rule (see :func:`feature_schema`)."""
+    check_value(v, loc)
+    t = type(v)
+    if v is None or ftype == "list":
+        return
+    if ftype == "numeric":
+        if t is str and not NUMBER_RE.match(v):
+            raise RequestError(loc, f"numeric feature: {v[:40]!r} is not a number")
+        if t is list:
+            raise RequestError(loc, "numeric feature: expected a number, got a list", kind="type_error")
+    elif ftype == "text":
+        if t is not str:
+            raise RequestError(loc, f"text feature: expected a string, got {_kind(v)}", kind="type_error")
+    elif t is list:  # categorical
+        raise RequestError(loc, "categorical feature: expected a single value, got a list", kind="type_error")
+
+
+def check_features(d: Any, loc: tuple, known: dict[str, str] | None = None) -> dict[str, Any]:
+    """A dict of feature values (``context``, ``profile``); ``known`` = {feature: type} of the run."""
     if type(d) is not dict:
         raise RequestError(loc, f"expected an object of feature values, got {_kind(d)}", kind="type_error")
     if len(d) > MAX_FEATURES:
@@ -146,7 +166,10 @@ def check_features(d: Any, loc: tuple) -> dict[str, Any]:
     for k, v in d.items():
         if len(k) > MAX_ID_LENGTH:
             raise RequestError((*loc, k[:40]), f"feature name longer than {MAX_ID_LENGTH} characters")
-        check_value(v, (*loc, k))
+        if known and k in known:
+            check_typed(v, known[k], (*loc, k))
+        else:
+            check_value(v, (*loc, k))
     return d
 
 
@@ -173,7 +196,11 @@ def _column_ok(vals: list, kind: str) -> bool:
             return False
         strs = [v for v in vals if v is not None]
         return not strs or max(map(len, strs)) <= MAX_QUERY_CHARS
-    # a feature value
+    # a feature value (typed kinds: a known feature's rule, checked per value when not plain numbers)
+    if kind == "numeric" and str in types:
+        return False
+    if kind == "text" and not types <= {str, type(None)}:
+        return False
     if not types <= _SCALAR_TYPES:
         return False
     if float in types:
@@ -194,12 +221,17 @@ def _check_one(v: Any, kind: str, loc: tuple) -> Any:
         return check_string(v, loc, MAX_ID_LENGTH, 1)
     if kind == "query":
         return v if v is None else check_string(v, loc, MAX_QUERY_CHARS)
-    check_value(v, loc)
+    if kind in ("numeric", "categorical", "text", "list"):
+        check_typed(v, kind, loc)
+    else:
+        check_value(v, loc)
     return v
 
 
-def check_rows(rows: Any, loc: tuple, fields: dict[str, tuple[str, bool]], min_items: int = 0) -> list[dict]:
-    """A list of objects with known ``fields`` (name -> (kind, required)) plus feature values.
+def check_rows(rows: Any, loc: tuple, fields: dict[str, tuple[str, bool]], min_items: int = 0,
+               known: dict[str, str] | None = None) -> list[dict]:
+    """A list of objects with known ``fields`` (name -> (kind, required)) plus feature values
+    (``known`` = {feature: type} of the run's features of this role).
 
     Checked column by column; only when a column fails is it walked value by value to name the
     first bad one (and integral-float ids / timestamps are normalised there)."""
@@ -223,13 +255,13 @@ def check_rows(rows: Any, loc: tuple, fields: dict[str, tuple[str, bool]], min_i
     keys = set().union(*rows)
     if len(keys) > 4 * max_keys:  # wildly different keys per row: the per-row walk is cheaper
         for i, r in enumerate(rows):
-            _check_row(r, (*loc, i), fields)
+            _check_row(r, (*loc, i), fields, known or {})
         return rows
     for k in keys:
         if len(k) > MAX_ID_LENGTH:
             i = next(i for i, r in enumerate(rows) if k in r)
             raise RequestError((*loc, i, k[:40]), f"feature name longer than {MAX_ID_LENGTH} characters")
-        kind = fields[k][0] if k in fields else "value"
+        kind = fields[k][0] if k in fields else (known or {}).get(k, "value")
         vals = [r[k] for r in rows if k in r]  # absent keys are fine: required ones were checked above
         if not _column_ok(vals, kind):
             for i, r in enumerate(rows):
@@ -238,11 +270,11 @@ def check_rows(rows: Any, loc: tuple, fields: dict[str, tuple[str, bool]], min_i
     return rows
 
 
-def _check_row(r: dict, loc: tuple, fields: dict[str, tuple[str, bool]]) -> None:
+def _check_row(r: dict, loc: tuple, fields: dict[str, tuple[str, bool]], known: dict[str, str]) -> None:
     for k in list(r):
         if len(k) > MAX_ID_LENGTH:
             raise RequestError((*loc, k[:40]), f"feature name longer than {MAX_ID_LENGTH} characters")
-        r[k] = _check_one(r[k], fields[k][0] if k in fields else "value", (*loc, k))
+        r[k] = _check_one(r[k], fields[k][0] if k in fields else known.get(k, "value"), (*loc, k))
 
 
 CANDIDATE_FIELDS = {"item_id": ("id", True)}
@@ -251,11 +283,13 @@ BEHAVIOR_KINDS = {"item_id": ("id", True), "timestamp": ("timestamp", True), "ac
 EVENT_KINDS = {"user_id": ("id", True), **BEHAVIOR_KINDS}
 
 
-def check_rank_request(obj: Any, max_candidates: int | None = None, max_history: int | None = None
-                       ) -> dict[str, Any]:
+def check_rank_request(obj: Any, max_candidates: int | None = None, max_history: int | None = None,
+                       known: dict[str, dict[str, str]] | None = None) -> dict[str, Any]:
     """A decoded ``/v1/rank`` body -> the same dict, checked and normalised (defaults filled in).
 
-    The size limits (``max_candidates``, ``max_history``: 413) are checked before the contents."""
+    The size limits (``max_candidates``, ``max_history``: 413) are checked before the contents;
+    ``known`` = role -> {feature: type} of the run (each known feature's values follow its type)."""
+    known = known or {}
     if type(obj) is not dict:
         raise RequestError(("body",), f"expected a JSON object, got {_kind(obj)}", kind="type_error")
     for k in obj:
@@ -266,10 +300,10 @@ def check_rank_request(obj: Any, max_candidates: int | None = None, max_history:
             raise RequestError(("body", k), "field required", kind="missing")
     out = {"user_id": check_id(obj["user_id"], ("body", "user_id")),
            "query": check_string(obj.get("query", ""), ("body", "query"), MAX_QUERY_CHARS),
-           "context": check_features(obj.get("context", {}), ("body", "context")),
+           "context": check_features(obj.get("context", {}), ("body", "context"), known.get("context")),
            "profile": None, "timestamp": None, "history": None, "candidates": obj["candidates"]}
     if obj.get("profile") is not None:
-        out["profile"] = check_features(obj["profile"], ("body", "profile"))
+        out["profile"] = check_features(obj["profile"], ("body", "profile"), known.get("user"))
     if obj.get("timestamp") is not None:
         out["timestamp"] = check_timestamp(obj["timestamp"], ("body", "timestamp"))
     cands, hist = obj["candidates"], obj.get("history")
@@ -279,13 +313,14 @@ def check_rank_request(obj: Any, max_candidates: int | None = None, max_history:
     if max_history is not None and type(hist) is list and len(hist) > max_history:
         raise RequestError(("body", "history"), f"{len(hist)} inline behaviours; at most {max_history} "
                            "(serving max_history_inline)", 413, "too_large")
-    out["candidates"] = check_rows(cands, ("body", "candidates"), CANDIDATE_FIELDS, min_items=1)
+    out["candidates"] = check_rows(cands, ("body", "candidates"), CANDIDATE_FIELDS, 1, known.get("candidate"))
     if hist is not None:
-        out["history"] = check_rows(hist, ("body", "history"), BEHAVIOR_KINDS)
+        out["history"] = check_rows(hist, ("body", "history"), BEHAVIOR_KINDS, 0, known.get("behavior"))
     return out
 
 
-def check_events(obj: Any, max_events: int | None = None) -> list[dict[str, Any]]:
+def check_events(obj: Any, max_events: int | None = None, known: dict[str, str] | None = None
+                 ) -> list[dict[str, Any]]:
     """A decoded ``/v1/events`` body -> its checked list of events."""
     if type(obj) is not dict:
         raise RequestError(("body",), f"expected a JSON object, got {_kind(obj)}", kind="type_error")
@@ -298,7 +333,7 @@ def check_events(obj: Any, max_events: int | None = None) -> list[dict[str, Any]
     if max_events is not None and type(ev) is list and len(ev) > max_events:
         raise RequestError(("body", "events"), f"{len(ev)} events; at most {max_events} per call (serving "
                            "max_events)", 413, "too_large")
-    return check_rows(ev, ("body", "events"), EVENT_KINDS, min_items=1)
+    return check_rows(ev, ("body", "events"), EVENT_KINDS, 1, known)
 
 
 # ---- responses (msgspec structs: built and encoded at C speed) ----------------------------------------
@@ -385,7 +420,8 @@ def _object(fixed: dict[str, Any], required: list[str], known: dict[str, str], d
             "maxProperties": MAX_FEATURES + len(fixed)}
 
 
-def request_openapi(known: dict[str, dict[str, str]]) -> dict[str, dict[str, Any]]:
+def request_openapi(known: dict[str, dict[str, str]], max_candidates: int, max_history: int, max_events: int
+                    ) -> dict[str, dict[str, Any]]:
     """JSON schemas of the request bodies; ``known`` = role -> {feature name: type} of the run."""
     feats = {r: {k: t for k, t in known.get(r, {}).items()} for r in ("user", "context", "candidate", "behavior")}
     q = {"type": "string", "maxLength": MAX_QUERY_CHARS}
@@ -407,13 +443,15 @@ def request_openapi(known: dict[str, dict[str, str]]) -> dict[str, dict[str, Any
         "properties": {
             "user_id": ID_SCHEMA, "query": q, "context": ctx, "profile": {"anyOf": [prof, {"type": "null"}]},
             "timestamp": {"anyOf": [TS_SCHEMA, {"type": "null"}], "description": "seconds; default: now"},
-            "history": {"anyOf": [{"type": "array", "items": {"$ref": "#/components/schemas/Behavior"}},
+            "history": {"anyOf": [{"type": "array", "items": {"$ref": "#/components/schemas/Behavior"},
+                                   "maxItems": max_history},
                                   {"type": "null"}],
                         "description": "inline behaviours used instead of the store"},
-            "candidates": {"type": "array", "minItems": 1, "items": {"$ref": "#/components/schemas/Candidate"}},
+            "candidates": {"type": "array", "minItems": 1, "maxItems": max_candidates,
+                           "items": {"$ref": "#/components/schemas/Candidate"}},
         }}
     schemas["EventsRequest"] = {"type": "object", "additionalProperties": False, "required": ["events"],
-                                "properties": {"events": {"type": "array", "minItems": 1,
+                                "properties": {"events": {"type": "array", "minItems": 1, "maxItems": max_events,
                                                           "items": {"$ref": "#/components/schemas/Event"}}}}
     return schemas
 
