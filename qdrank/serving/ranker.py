@@ -26,6 +26,8 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
+from itertools import repeat
+from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
@@ -170,9 +172,11 @@ class RequestEncoder:
     def _cat_column(self, f: Feature, col: list, loc: tuple) -> np.ndarray:
         table, oov = self.tables[f.name], f.offset
         types = set(map(type, col))
-        if types <= {str, type(None)}:
+        if types <= {str, int}:  # canonical_key of both is str()
+            return np.fromiter(map(table.get, map(str, col), repeat(oov)), dtype=np.int64, count=len(col))
+        if types <= {str, int, type(None)}:
             get = table.get
-            return np.fromiter((0 if v is None else get(v, oov) for v in col), dtype=np.int64, count=len(col))
+            return np.fromiter((0 if v is None else get(str(v), oov) for v in col), dtype=np.int64, count=len(col))
         return np.fromiter((self._cat(f, v, (*_row_loc(loc, i), f.name)) for i, v in enumerate(col)),
                            dtype=np.int64, count=len(col))
 
@@ -210,7 +214,7 @@ class RequestEncoder:
         de = np.zeros((n, len(self.numeric[role])), dtype=np.float32)
         for f, start, width in self.sparse_layout[role]:
             name = f.name
-            col = [r.get(name) for r in rows]
+            col = list(map(dict.get, rows, repeat(name)))
             if col.count(None) == n:
                 continue
             if f.type == "categorical":
@@ -229,15 +233,15 @@ class RequestEncoder:
                         raise RequestError((*_row_loc(loc, i), name), f"feature '{name}' is text: expected a string")
                     sp[i, start:start + width] = self.text(v, width)
         for j, f in enumerate(self.numeric[role]):
-            col = [r.get(f.name) for r in rows]
+            col = list(map(dict.get, rows, repeat(f.name)))
             if col.count(None) != n:
                 de[:, j] = self._num_column(f, col, loc)
         return sp, de
 
     def item_rows(self, ids: list) -> np.ndarray:
         get = self.item_row.get
-        if set(map(type, ids)) <= {str}:
-            return np.fromiter((get(i, 1) for i in ids), dtype=np.int64, count=len(ids))
+        if set(map(type, ids)) <= {str, int}:  # canonical_key of both is str()
+            return np.fromiter(map(get, map(str, ids), repeat(1)), dtype=np.int64, count=len(ids))
         return np.fromiter((get(i if isinstance(i, str) else canonical_key(i), 1) for i in ids), dtype=np.int64,
                            count=len(ids))
 
@@ -269,7 +273,7 @@ class RequestEncoder:
         inline = req["history"]
         if inline is not None:
             source = "inline"
-            tss = np.fromiter((b["timestamp"] for b in inline), dtype=np.int64, count=len(inline))
+            tss = np.fromiter(map(itemgetter("timestamp"), inline), dtype=np.int64, count=len(inline))
             keep = np.flatnonzero(tss < ts)
             keep = keep[np.argsort(tss[keep], kind="stable")][-L:] if L > 0 else keep[:0]
             hist = [inline[i] for i in keep.tolist()]

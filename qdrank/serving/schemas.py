@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import re
+from itertools import repeat
 from typing import Annotated, Any
 
 import msgspec
@@ -181,17 +182,24 @@ def _column_ok(vals: list, kind: str) -> bool:
     """True when every value of a column is valid as it is (C-level passes); False = walk it."""
     types = set(map(type, vals))
     if kind == "id":
+        if types == {str}:
+            lens = list(map(len, vals))
+            return min(lens) >= 1 and max(lens) <= MAX_ID_LENGTH
+        if types == {int}:
+            return INT64_MIN <= min(vals) and max(vals) <= INT64_MAX
         if not types <= {int, str}:
             return False
-        ints = [v for v in vals if type(v) is int] if int in types else ()
-        strs = [v for v in vals if type(v) is str] if str in types else ()
-        return ((not ints or (INT64_MIN <= min(ints) and max(ints) <= INT64_MAX))
-                and (not strs or (min(map(len, strs)) >= 1 and max(map(len, strs)) <= MAX_ID_LENGTH)))
+        ints = [v for v in vals if type(v) is int]
+        strs = [v for v in vals if type(v) is str]
+        return (INT64_MIN <= min(ints) and max(ints) <= INT64_MAX
+                and min(map(len, strs)) >= 1 and max(map(len, strs)) <= MAX_ID_LENGTH)
     if kind == "timestamp":
         return types == {int} and TS_MIN <= min(vals) and max(vals) <= TS_MAX
     if kind == "action":
         return types == {str} and min(map(len, vals)) >= 1 and max(map(len, vals)) <= MAX_ID_LENGTH
     if kind == "query":
+        if types == {str}:
+            return max(map(len, vals)) <= MAX_QUERY_CHARS
         if not types <= {str, type(None)}:
             return False
         strs = [v for v in vals if v is not None]
@@ -249,7 +257,7 @@ def check_rows(rows: Any, loc: tuple, fields: dict[str, tuple[str, bool]], min_i
         i = next(i for i, r in enumerate(rows) if len(r) > max_keys)
         raise RequestError((*loc, i), f"more than {MAX_FEATURES} features", kind="too_long")
     for name, (_, required) in fields.items():
-        if required and sum(name in r for r in rows) != len(rows):
+        if required and not all(map(dict.__contains__, rows, repeat(name))):
             i = next(i for i, r in enumerate(rows) if name not in r)
             raise RequestError((*loc, i, name), "field required", kind="missing")
     keys = set().union(*rows)
@@ -262,7 +270,7 @@ def check_rows(rows: Any, loc: tuple, fields: dict[str, tuple[str, bool]], min_i
             i = next(i for i, r in enumerate(rows) if k in r)
             raise RequestError((*loc, i, k[:40]), f"feature name longer than {MAX_ID_LENGTH} characters")
         kind = fields[k][0] if k in fields else (known or {}).get(k, "value")
-        vals = [r[k] for r in rows if k in r]  # absent keys are fine: required ones were checked above
+        vals = list(map(dict.get, rows, repeat(k)))  # absent = None: valid for every optional field
         if not _column_ok(vals, kind):
             for i, r in enumerate(rows):
                 if k in r:
