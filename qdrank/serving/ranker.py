@@ -198,7 +198,7 @@ class RequestEncoder:
         try:
             x = np.array(col, dtype=np.float64)
         except OverflowError:  # integers beyond float range
-            x = np.array([None if v is None else (math.copysign(math.inf, v) if abs(v) > 1e308 else float(v))
+            x = np.array([None if v is None else ((math.inf if v > 0 else -math.inf) if abs(v) > 1e308 else float(v))
                           for v in col], dtype=np.float64)
         with np.errstate(over="ignore", invalid="ignore"):
             if f.log:
