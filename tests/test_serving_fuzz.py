@@ -74,7 +74,7 @@ def test_schemathesis_finds_nothing(fuzz_server, mode):
         @settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=True,
                   suppress_health_check=list(HealthCheck))
         @given(case=op.as_strategy(generation_mode=gen))
-        def check(case):
+        def check(case, name=name):
             resp = case.call(base_url=base_url, timeout=30)
             assert resp.status_code < 500, (name, resp.status_code, resp.text[:300])
             if mode == "positive":

@@ -26,6 +26,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -106,6 +107,7 @@ class MicroBatcher:
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="qdrank-score")
         self.queue: asyncio.Queue | None = None
         self.arriving = 0  # requests reading their body: they will be queued soon
+        self.largest = 0  # the largest batch so far (``/healthz`` shows it)
         self._task: asyncio.Task | None = None
 
     def _start(self) -> None:
@@ -140,6 +142,7 @@ class MicroBatcher:
                     items.append(await asyncio.wait_for(q.get(), left))
                 except TimeoutError:
                     break
+            self.largest = max(self.largest, len(items))
             try:
                 results = await loop.run_in_executor(self.executor, self._score, [b for b, _ in items])
             except Exception as e:  # noqa: BLE001 - a server fault: every waiting request gets it
@@ -237,7 +240,8 @@ def create_app(ranker: Ranker) -> FastAPI:
 
     @app.get("/healthz")
     def healthz() -> dict:
-        return {"status": "ok", "model": ranker.cfg.model_name}
+        return {"status": "ok", "model": ranker.cfg.model_name, "pid": os.getpid(), "largest_batch": batcher.largest,
+                "threads": torch.get_num_threads()}
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
@@ -256,7 +260,11 @@ def openapi_document(ranker: Ranker) -> dict[str, Any]:
     comps["ModelInfo"] = {"type": "object", "description": "model name, run config (no absolute paths), serving "
                           "config, training metrics, feature schema"}
     comps["Health"] = {"type": "object", "required": ["status", "model"],
-                       "properties": {"status": {"type": "string"}, "model": {"type": "string"}}}
+                       "properties": {"status": {"type": "string"}, "model": {"type": "string"},
+                                      "pid": {"type": "integer", "description": "the worker process answering"},
+                                      "threads": {"type": "integer", "description": "torch threads of that worker"},
+                                      "largest_batch": {"type": "integer",
+                                                        "description": "most requests scored in one forward"}}}
     err = {"description": "error naming the field",
            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}}
 
