@@ -3,8 +3,8 @@
 The request path avoids per-request framework work: bodies are read raw (with a deadline),
 decoded with msgspec and checked by :mod:`qdrank.serving.schemas`; responses are msgspec-encoded
 bytes. Rank requests go through a :class:`MicroBatcher`: requests arriving together (gathered for
-at most ``batch_wait_ms``, and only while more are on their way) are scored in one forward on one
-worker thread, then split. ``qdrank serve --workers N`` runs N such processes on one port, each
+at most ``batch_wait_ms``, and only while more are on their way) are scored in one forward (on the
+event loop's thread), then split. ``qdrank serve --workers N`` runs N such processes on one port, each
 with one torch / ONNX Runtime thread (one process per core, no oversubscription).
 
 Error contract: every error body is ``{"detail": [{"loc": [...], "msg": ..., "type": ...}]}`` (or a
@@ -95,16 +95,18 @@ def _request_error(e: RequestError) -> Response:
 
 
 class MicroBatcher:
-    """Gathers concurrent rank requests into one forward on one worker thread.
+    """Gathers concurrent rank requests into one forward on the event loop's thread.
 
     A request that finds no other request on its way (none reading its body, none queued) is scored
     at once: waiting only pays when there is someone to wait for. Otherwise the batch closes after
-    ``wait_s`` or at ``max_batch`` requests. Decoding, checking, encoding and response building run
-    on the worker thread too, so the event loop only moves bytes."""
+    ``wait_s`` or at ``max_batch`` requests. Decoding, checking, encoding, the forward and response
+    building run on the event loop's thread (one process per core: a second thread would only add
+    hand-offs); requests that arrive meanwhile are read afterwards and form the next batch. Store
+    writes (``/v1/events``) run on one helper thread, serialised by the store's lock."""
 
     def __init__(self, ranker: Ranker, wait_s: float, max_batch: int):
         self.ranker, self.wait_s, self.max_batch = ranker, wait_s, max_batch
-        self.executor = ThreadPoolExecutor(1, thread_name_prefix="qdrank-score")
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix="qdrank-store")
         self.queue: asyncio.Queue | None = None
         self.arriving = 0  # requests reading their body: they will be queued soon
         self.largest = 0  # the largest batch so far (``/healthz`` shows it)
@@ -122,7 +124,7 @@ class MicroBatcher:
         return await fut
 
     async def run_blocking(self, fn, *args):
-        """Other work that must not overlap scoring (store writes): same thread, in turn."""
+        """Blocking store writes, off the event loop, one at a time."""
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
     async def _run(self) -> None:
@@ -143,8 +145,9 @@ class MicroBatcher:
                 except TimeoutError:
                     break
             self.largest = max(self.largest, len(items))
-            try:
-                results = await loop.run_in_executor(self.executor, self._score, [b for b, _ in items])
+            try:  # on the event loop's own thread: no hand-off per batch; bodies arriving meanwhile
+                #     wait in the socket buffers and form the next batch
+                results = self._score([b for b, _ in items])
             except Exception as e:  # noqa: BLE001 - a server fault: every waiting request gets it
                 results = [e] * len(items)
             for (_, fut), res in zip(items, results):
