@@ -65,6 +65,23 @@ def rss_mb(pid: int) -> float:
     return total
 
 
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process and its children (the workers)."""
+    total = 0
+    pids = [pid]
+    try:
+        pids += [int(x) for x in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        pass
+    for p in pids:
+        try:
+            f = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(f[11]) + int(f[12])
+        except (OSError, IndexError, ValueError):
+            pass
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 def http_request(path: str, body: bytes) -> bytes:
     return (f"POST {path} HTTP/1.1\r\nHost: {HOST}\r\nContent-Type: application/json\r\n"
             f"Content-Length: {len(body)}\r\n\r\n").encode() + body
@@ -193,10 +210,16 @@ def main(argv=None) -> int:
                "threads_per_worker": a.threads, "cpu_count": os.cpu_count(),
                "load_avg_before": os.getloadavg(), "levels": []}
         for conc in (int(x) for x in a.concurrency.split(",")):
+            c0 = cpu_s(srv.pid)
             res = load(port, raw, n_req, conc, a.duration)
+            # server CPU per request: on a shared machine, the capacity of idle cores is estimated
+            # as (cores x 1000 / this) requests/s
+            res["server_cpu_ms_per_request"] = (cpu_s(srv.pid) - c0) * 1e3 / max(res["requests"], 1)
+            res["idle_capacity_rps_estimate"] = a.workers * 1000 / max(res["server_cpu_ms_per_request"], 1e-9)
             out["levels"].append(res)
             print(f"concurrency {conc:3d}: {res['ok']} ok, {res['errors']} errors, {res['throughput_rps']:.1f} req/s, "
-                  f"p50 {res['p50_ms']:.1f} ms, p99 {res['p99_ms']:.1f} ms", flush=True)
+                  f"p50 {res['p50_ms']:.1f} ms, p99 {res['p99_ms']:.1f} ms; server CPU "
+                  f"{res['server_cpu_ms_per_request']:.2f} ms/request", flush=True)
         before = rss_mb(srv.pid)
         res = load(port, raw, soak, 8, a.soak_duration)
         after = rss_mb(srv.pid)
