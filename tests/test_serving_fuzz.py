@@ -14,11 +14,10 @@ import threading
 import time
 
 import pytest
+import schemathesis
 from hypothesis import HealthCheck, given, settings
 from test_serving import build_run, build_store
 from test_serving_http import free_port
-
-schemathesis = pytest.importorskip("schemathesis")
 
 EXAMPLES = int(os.environ.get("QDRANK_FUZZ_EXAMPLES", "25"))
 

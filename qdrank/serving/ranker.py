@@ -365,7 +365,11 @@ class OnnxScorer:
 
     def __init__(self, model: torch.nn.Module, cfg: RunConfig, fmap: FeatureMap, path: str | Path | None,
                  num_threads: int):
-        import onnxruntime as ort
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise ValueError("serving backend onnx needs onnxruntime: pip install 'qdrank[onnx]' (or use "
+                             "backend=torch)") from None
 
         from qdrank.serving.export import example_batch, export_model
 
