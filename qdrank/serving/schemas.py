@@ -32,17 +32,14 @@ import msgspec
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
-try:  # the data helper's dataset-wide id limit, when the data layer defines one
-    from qdrank.data.schema import MAX_ID_LENGTH  # type: ignore[attr-defined]
-except ImportError:  # pragma: no cover - depends on the data layer's version
-    MAX_ID_LENGTH = 256
+from qdrank.data.schema import MAX_ID_CHARS, TS_LIMIT  # one definition: data validation refuses the same
 
-MAX_ID_CHARS = MAX_ID_LENGTH  # old name
+MAX_ID_LENGTH = MAX_ID_CHARS
 MAX_QUERY_CHARS = 4096
 MAX_VALUE_CHARS = 4096
 MAX_LIST_VALUES = 1024
 MAX_FEATURES = 256
-TS_MIN, TS_MAX = -(2**40), 2**40  # seconds; keeps time gaps far from int64 overflow
+TS_MIN, TS_MAX = -TS_LIMIT, TS_LIMIT  # seconds; keeps time gaps far from int64 overflow
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 NUMERIC_Z_CLIP = 30.0  # standardised numeric features are clipped to +/- this many training std
 NUMBER_RE = re.compile(r"^[ \t\n\r]*[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?[ \t\n\r]*$")
