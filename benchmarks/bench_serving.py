@@ -2,7 +2,8 @@
 
     .venv/bin/python benchmarks/bench_serving.py [--run RUN_DIR | --model din] [--quick]
         [--history 100,1000,10000] [--candidates 100,500,2000] [--history-mode model|run]
-        [--threads 1] [--repeats 100] [--out reports/bench/serving.json]
+        [--threads 1] [--repeats 100] [--backend torch|onnx] [--inline-history 10000]
+        [--out reports/bench/serving.json]
 
 Without ``--run`` it prepares the tiny synthetic dataset and trains a short run of ``--model``
 (``--set`` passes training overrides, e.g. ``--set model.layers=4 --set model.dim=64``).
@@ -12,7 +13,11 @@ Measured, per (history H, candidates N): the user has H behaviours in the SQLite
 behaviours; with ``run`` it keeps the run's ``data.max_history`` (H only costs the store read).
 Also: single-step vs 50-step denoising (models whose config has ``denoise_steps``), and shared
 request encoding (R=1, N candidates) vs scoring every (user, candidate) pair as its own request
-(R=N requests of one candidate). Results go to JSON; nothing is asserted.
+(R=N requests of one candidate); a request with ``--inline-history`` behaviours in its body; 8
+requests scored in one forward (micro-batching) vs one by one. Per configuration the breakdown is
+``decode_check`` (msgspec decode + checks), ``encode`` (-> Batch), ``model`` (forward), ``respond``
+(ranking + JSON encoding); ``rank_bytes`` is all of it, JSON bytes in -> JSON bytes out.
+Results go to JSON; nothing is asserted.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ import torch
 
 from qdrank.data.batch import Batch
 from qdrank.serving.ranker import Ranker, ServingConfig
-from qdrank.serving.schemas import RankRequest
+from qdrank.serving.schemas import decode_json, encode_json
 from qdrank.serving.store import HistoryStore
 from qdrank.utils.io import atomic_write_json
 
@@ -73,18 +78,32 @@ def fill_store(store: HistoryStore, ranker: Ranker, user: str, n: int, rng: np.r
 
 
 def timed(fn, repeats: int, budget_s: float) -> dict:
+    """Wall-clock and CPU time (this thread's) per call. On a shared machine the CPU time is the
+    better estimate of what an idle core would take; the wall time includes waiting for a core."""
     fn()  # warm-up
-    times = []
+    times, cpu = [], []
     t_end = time.perf_counter() + budget_s
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         fn()
+        cpu.append((time.thread_time() - c0) * 1e3)
         times.append((time.perf_counter() - t0) * 1e3)
         if time.perf_counter() > t_end and len(times) >= 5:
             break
-    a = np.array(times)
+    a, c = np.array(times), np.array(cpu)
     return {"n": len(a), "p50_ms": float(np.percentile(a, 50)), "p99_ms": float(np.percentile(a, 99)),
-            "mean_ms": float(a.mean())}
+            "mean_ms": float(a.mean()), "cpu_p50_ms": float(np.percentile(c, 50)),
+            "cpu_p99_ms": float(np.percentile(c, 99)), "cpu_mean_ms": float(c.mean())}
+
+
+def fmt(v: dict) -> str:
+    return (f"p50 {v['p50_ms']:.2f} p99 {v['p99_ms']:.2f} ms (cpu p50 {v['cpu_p50_ms']:.2f} "
+            f"p99 {v['cpu_p99_ms']:.2f})")
+
+
+def rank_bytes(r: Ranker, raw: bytes) -> bytes:
+    """JSON bytes -> decoded, checked, encoded, scored, ranked -> JSON bytes."""
+    return encode_json(r.rank(decode_json(raw)))
 
 
 def per_pair_batch(b: Batch) -> Batch:
@@ -117,6 +136,9 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=0, help="default 200 (quick 30)")
     p.add_argument("--budget", type=float, default=20.0, help="seconds per configuration at most")
     p.add_argument("--max-pairs", type=float, default=2e6, help="skip N*H above this (memory guard)")
+    p.add_argument("--inline-history", type=int, default=10_000, help="behaviours in a request body (0 = skip)")
+    p.add_argument("--backend", choices=["torch", "onnx"], default="torch")
+    p.add_argument("--skip-extra", action="store_true", help="only the latency grid (no denoise / per-pair)")
     p.add_argument("--out", default="reports/bench/serving.json")
     a = p.parse_args(argv)
 
@@ -127,7 +149,7 @@ def main(argv=None) -> int:
     run = Path(a.run) if a.run else train_tiny(a.model, a.set, Path(tmp.name))
     rng = np.random.default_rng(0)
     store = HistoryStore(None)
-    base = Ranker.load(run, store=store, num_threads=a.threads)
+    base = Ranker.load(run, store=store, num_threads=a.threads, backend=a.backend)
     torch.set_num_threads(a.threads)
     out: dict = {"model": base.cfg.model_name, "run": str(run), "model_config": dataclasses.asdict(base.cfg.model),
                  "run_max_history": base.cfg.data.max_history, "history_mode": a.history_mode,
@@ -138,7 +160,8 @@ def main(argv=None) -> int:
           f"threads {a.threads}, history mode {a.history_mode}")
 
     def ranker_for(h: int, **extra) -> Ranker:
-        over = dict(num_threads=a.threads, max_history=h if a.history_mode == "model" else 0, **extra)
+        over = dict(num_threads=a.threads, max_history=h if a.history_mode == "model" else 0,
+                    backend=a.backend, **extra)
         if not extra and over["max_history"] in (0, base.encoder.L):
             return base
         m, cfg, fmap = base.model, base.cfg, base.fmap
@@ -160,20 +183,56 @@ def main(argv=None) -> int:
                 print(row)
                 continue
             req = make_request(base, user, n, rng)
+            raw = encode_json(req)
             try:
-                row["rank_dict"] = timed(lambda: r.rank(req), repeats, a.budget)       # noqa: B023
-                parsed = RankRequest.model_validate(req)
-                enc = r.encode(parsed)
-                row["validate"] = timed(lambda: RankRequest.model_validate(req), repeats, a.budget / 4)  # noqa: B023
-                row["encode"] = timed(lambda: r.encode(parsed), repeats, a.budget / 4)  # noqa: B023
+                # the whole request path, bytes in -> bytes out (what the HTTP worker thread does)
+                row["rank_bytes"] = timed(lambda: rank_bytes(r, raw), repeats, a.budget)  # noqa: B023
+                row["rank_dict"] = timed(lambda: r.rank(req), repeats, a.budget / 2)  # noqa: B023
+                checked = r.check(decode_json(raw))
+                enc = r.encoder.encode(checked, r.store)
+                logits = r.logits(enc.batch)
+                row["decode_check"] = timed(lambda: r.check(decode_json(raw)), repeats, a.budget / 4)  # noqa: B023
+                row["encode"] = timed(lambda: r.encoder.encode(checked, r.store), repeats, a.budget / 4)  # noqa: B023
                 row["model"] = timed(lambda: r.logits(enc.batch), repeats, a.budget / 2)  # noqa: B023
+                row["respond"] = timed(lambda: encode_json(r.respond(enc, *logits)), repeats,  # noqa: B023
+                                       a.budget / 4)
             except (RuntimeError, MemoryError, IndexError) as e:
                 row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
             out["latency"].append(row)
-            print({k: (v if not isinstance(v, dict) else f"p50 {v['p50_ms']:.2f} p99 {v['p99_ms']:.2f} ms")
-                   for k, v in row.items()})
+            print({k: (v if not isinstance(v, dict) else fmt(v)) for k, v in row.items()}, flush=True)
+
+    # a request carrying --inline-history behaviours in its body (the model keeps the run's most recent)
+    if a.inline_history:
+        r = ranker_for(0)
+        req = make_request(base, "inline-user", 500, rng)
+        items = base.fmap.item_vocab
+        req["history"] = [{"item_id": items[int(i)], "timestamp": TS - 10 * (a.inline_history - k),
+                           "action": "click", "query": f"query {k % 37}"}
+                          for k, i in enumerate(rng.integers(0, len(items), a.inline_history))]
+        raw = encode_json(req)
+        out["inline_history"] = {"behaviours": a.inline_history, "candidates": 500, "body_bytes": len(raw),
+                                 "history_used": r.encoder.L,
+                                 "rank_bytes": timed(lambda: rank_bytes(r, raw), repeats, a.budget)}
+        print(f"inline history {a.inline_history:,} behaviours ({len(raw) / 1e6:.1f} MB body): "
+              f"{fmt(out['inline_history']['rank_bytes'])}", flush=True)
+
+    # micro-batching: 8 requests in one forward vs one by one
+    r = ranker_for(min(100, max(hs)))
+    if r.onnx is None:
+        reqs = [r.check(make_request(base, f"bench-user-{min(100, max(hs))}", 500, rng)) for _ in range(8)]
+        one = timed(lambda: [r.rank(q) for q in reqs], max(5, repeats // 4), a.budget / 2)
+        many = timed(lambda: r.rank_many(reqs), max(5, repeats // 4), a.budget / 2)
+        out["micro_batch"] = {"requests": 8, "candidates": 500, "one_by_one": one, "batched": many,
+                              "speedup_p50": one["p50_ms"] / many["p50_ms"]}
+        out["micro_batch"]["cpu_speedup_p50"] = one["cpu_p50_ms"] / many["cpu_p50_ms"]
+        print(f"8 requests: one by one {fmt(one)}, one forward {fmt(many)} "
+              f"(x{out['micro_batch']['cpu_speedup_p50']:.2f} in CPU time)", flush=True)
 
     # shared request encoding vs one request per (user, candidate) pair
+    if a.skip_extra:
+        atomic_write_json(Path(a.out), out)
+        print(f"wrote {a.out}")
+        return 0
     h, n = min(100, max(hs)), 500
     r = ranker_for(h)
     user = f"bench-user-{h}"
@@ -196,7 +255,7 @@ def main(argv=None) -> int:
             rs = ranker_for(h, denoise_steps=steps)
             res[f"steps_{steps}"] = timed(lambda: rs.rank(req), repeats, a.budget)  # noqa: B023
         out["denoise"] = {"history": h, "candidates": n, **res}
-        print("denoise:", {k: f"p50 {v['p50_ms']:.2f} p99 {v['p99_ms']:.2f}" for k, v in res.items()})
+        print("denoise:", {k: fmt(v) for k, v in res.items()})
     atomic_write_json(Path(a.out), out)
     print(f"wrote {a.out}")
     return 0

@@ -291,3 +291,143 @@ def test_export_parity(fmt, ranker, run_dir, tiny_data, tmp_path):
         assert ctr.shape == tuple(ref_ctr.shape)
         assert np.abs(ctr - ref_ctr.numpy()).max() < 1e-5
         assert np.abs(cvr - ref_cvr.numpy()).max() < 1e-5
+
+
+# ---- request rules (#13) ----------------------------------------------------------------------------------
+def test_ids_are_never_coerced_and_long_ids_refused(ranker, tiny_data):
+    from qdrank.serving.schemas import MAX_ID_LENGTH
+
+    body = request_body(tiny_data, 700)
+    for bad in ("1" * (MAX_ID_LENGTH + 1), 2**63, -(2**63) - 1, 1.5, True, "", None):
+        with pytest.raises(RequestError) as e:
+            ranker.rank({**body, "user_id": bad})
+        assert e.value.loc == ("body", "user_id") and e.value.status == 422, bad
+    with pytest.raises(RequestError) as e:
+        ranker.rank({**body, "candidates": [*body["candidates"], {"item_id": "9" * (MAX_ID_LENGTH + 1)}]})
+    assert e.value.loc == ("body", "candidates", len(body["candidates"]), "item_id")
+    # the longest allowed string id is served, as a string (unknown user), never as a number
+    long_id = "7" * MAX_ID_LENGTH
+    resp = ranker.rank({**body, "user_id": long_id})
+    assert resp.unknown_user is True and resp.history_used == 0
+    same = [ranker.rank({**body, "user_id": u}) for u in (body["user_id"], str(body["user_id"]),
+                                                          float(body["user_id"]))]
+    assert all(r.unknown_user is False for r in same)
+    assert scores_by_item(same[0]) == scores_by_item(same[1]) == scores_by_item(same[2])
+
+
+def test_feature_values_follow_the_features_type(ranker, tiny_data):
+    body = request_body(tiny_data, 700)
+    cases = [({"context": {"device": {}}}, ("body", "context", "device")),          # an object: never a value
+             ({"context": {"device": ["app"]}}, ("body", "context", "device")),     # categorical: one value
+             ({"context": {"unknown_feature": {"a": 1}}}, ("body", "context", "unknown_feature")),
+             ({"candidates": [{"item_id": 1, "price": [1, 2]}]}, ("body", "candidates", 0, "price")),  # numeric
+             ({"candidates": [{"item_id": 1}, {"item_id": 2, "price": "inf"}]}, ("body", "candidates", 1, "price"))]
+    assert ranker.fmap.features["price"].type == "numeric" and ranker.fmap.features["device"].type == "categorical"
+    for patch, loc in cases:
+        with pytest.raises(RequestError) as e:
+            ranker.rank({**body, **patch})
+        assert e.value.loc == loc and e.value.status == 422, patch
+    # what the schema allows is served: unknown features of any scalar/list value, numeric strings, null
+    ok = ranker.rank({**body, "context": {**body["context"], "colour": ["red", 1, None], "flag": True},
+                      "candidates": [{**c, "price": "19.5", "size": {"no": 1} and None} for c in body["candidates"]]})
+    assert len(ok.candidates) == len(body["candidates"])
+
+
+def test_huge_numbers_are_clipped(ranker, tiny_data):
+    from qdrank.serving.schemas import NUMERIC_Z_CLIP
+
+    body = request_body(tiny_data, 700)
+    j = [f.name for f in ranker.fmap.role_features("candidate", sparse=False)].index("price")
+    for v, sign in ((1e300, 1), (10**400, 1), (-1e300, -1), ("1e999", 1)):
+        cands = [{**c, "price": v} for c in body["candidates"]]
+        enc = ranker.encode({**body, "candidates": cands})
+        x = enc.batch.cand_dense[:, j]
+        assert torch.isfinite(x).all() and float(x.abs().max()) <= NUMERIC_Z_CLIP
+        f = ranker.fmap.features["price"]
+        if sign > 0 or not f.log:
+            assert float(x[0]) == pytest.approx(sign * NUMERIC_Z_CLIP), v
+        resp = ranker.rank({**body, "candidates": cands})
+        assert all(math.isfinite(c.score) for c in resp.candidates)
+
+
+def test_model_info_has_no_absolute_paths(ranker):
+    import json
+
+    def strings(v):
+        if isinstance(v, dict):
+            for k, x in v.items():
+                yield str(k)
+                yield from strings(x)
+        elif isinstance(v, list):
+            for x in v:
+                yield from strings(x)
+        elif isinstance(v, str):
+            yield v
+
+    info = ranker.info()
+    json.dumps(info)
+    bad = [s for s in strings(info) if s.startswith("/") or str(Path.home()) in s or "/tmp" in s]
+    assert not bad, bad[:5]
+    assert info["run"] == ranker.run_dir.name and info["serving"]["store"] == Path(ranker.store.path).name
+
+
+# ---- micro-batching and backends ------------------------------------------------------------------------
+def test_rank_many_equals_rank(ranker, tiny_data):
+    bodies = [request_body(tiny_data, 700), request_body(tiny_data, 900, extra_items=(5, "nope")),
+              {**request_body(tiny_data, 650), "user_id": "x" * 300}, request_body(tiny_data, 910)]
+    out = ranker.rank_many(bodies)
+    assert isinstance(out[2], RequestError) and out[2].loc == ("body", "user_id")
+    for b, r in zip(bodies, out):
+        if isinstance(r, RequestError):
+            continue
+        single = ranker.rank(b)
+        assert [c.item_id for c in r.candidates] == [c.item_id for c in single.candidates] or \
+            np.allclose([c.score for c in r.candidates], [c.score for c in single.candidates], atol=1e-6)
+        a, s = scores_by_item(r), scores_by_item(single)
+        assert a.keys() == s.keys() and max(abs(a[k] - s[k]) for k in a) < 1e-5
+        assert r.history_used == single.history_used
+
+
+@pytest.fixture(scope="module")
+def untrained(tiny_data):
+    """One tiny dataset's feature map, shared by untrained models of every registered kind."""
+    from qdrank.data.dataset import SearchLogDataset
+
+    cfg = tiny_config("din")
+    return SearchLogDataset(tiny_data, cfg.data, log=lambda m: None)
+
+
+def _parity_requests(fmap, tiny_data) -> list[dict]:
+    items = [int(x) for x in fmap.item_vocab[:40]]
+    out = []
+    for row, n_hist, n_extra in ((700, 0, 0), (900, 3, 2), (910, 15, 9)):
+        b = request_body(tiny_data, row, extra_items=tuple(items[:n_extra]))
+        ts = b["timestamp"]
+        b["history"] = [{"item_id": items[i], "timestamp": ts - 100 * (i + 1), "action": "click", "query": "red shoes"}
+                        for i in range(n_hist)]
+        out.append(b)
+    return out
+
+
+@pytest.mark.parametrize("model_name", __import__("qdrank.models.registry", fromlist=["x"]).available_models())
+def test_onnx_backend_matches_torch(model_name, untrained, tiny_data):
+    """``backend="onnx"`` scores every request as PyTorch does (max |diff| < 1e-4), per model."""
+    from qdrank.models.registry import model_class
+    from qdrank.serving.export import ExportError
+
+    torch.manual_seed(0)
+    cfg = tiny_config(model_name)
+    model = model_class(model_name)(untrained.fmap, cfg.model).eval()
+    ref = Ranker(model, cfg, untrained.fmap, ServingConfig.build())
+    try:
+        onnx = Ranker(model, cfg, untrained.fmap, ServingConfig.build(backend="onnx"))
+    except ExportError as e:  # visible in the report; passes as soon as the export supports the model
+        pytest.xfail(f"ONNX export does not support {model_name} yet: {str(e).splitlines()[0][:200]}")
+    for body in _parity_requests(untrained.fmap, tiny_data):
+        enc = ref.encode(body)
+        a, b = ref.logits(enc.batch), onnx.logits(enc.batch)
+        for x, y in zip(a, b):
+            assert x.shape == y.shape and float((x - y).abs().max()) < 1e-4, model_name
+        ra, rb = ref.rank(body), onnx.rank(body)
+        assert [c.item_id for c in ra.candidates] == [c.item_id for c in rb.candidates] or \
+            max(abs(p.score - q.score) for p, q in zip(ra.candidates, rb.candidates)) < 1e-4

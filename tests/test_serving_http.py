@@ -16,6 +16,7 @@ from qdrank.serving.ranker import Ranker
 from qdrank.serving.store import HistoryStore
 
 MAX_BODY = 4 * 2**20
+BODY_TIMEOUT = 1.0
 
 
 def free_port() -> int:
@@ -32,7 +33,7 @@ def server(tmp_path_factory, tiny_data):
     run = build_run(base, tiny_data)
     store = tmp_path_factory.mktemp("http") / "store.sqlite"  # its own copy: the tests append events
     store.write_bytes(build_store(base, tiny_data).read_bytes())
-    ranker = Ranker.load(run, store=store, max_body_bytes=MAX_BODY)
+    ranker = Ranker.load(run, store=store, max_body_bytes=MAX_BODY, body_timeout_s=BODY_TIMEOUT)
     port = free_port()
     srv = uvicorn.Server(uvicorn.Config(create_app(ranker), host="127.0.0.1", port=port, log_level="critical"))
     th = threading.Thread(target=srv.run, daemon=True)
@@ -205,3 +206,134 @@ def test_garbage_never_500_and_server_survives(server):
     assert client.get("/nowhere").status_code == 404
     assert client.get("/v1/rank").status_code == 405
     assert_alive(client)
+
+
+def test_lying_content_length_is_408_and_the_connection_closes(server):
+    client, _ = server
+    port = client.base_url.port
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sk:
+        sk.sendall(b"POST /v1/rank HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                   b"Content-Length: 1000\r\n\r\n{\"user_id\": 1")
+        t0 = time.time()
+        data = b""
+        while True:  # the server answers, then closes: recv returns b"" (a timeout here fails the test)
+            chunk = sk.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+        waited = time.time() - t0
+    assert data.startswith(b"HTTP/1.1 408"), data[:200]
+    assert BODY_TIMEOUT * 0.9 <= waited < BODY_TIMEOUT + 8
+    assert b'"loc":["body"]' in data
+    assert_alive(client)
+
+
+def test_model_info_over_http_has_no_absolute_paths(server):
+    client, _ = server
+    text = client.get("/v1/model").text
+    assert "/tmp" not in text and '"/' not in text
+
+
+def test_undocumented_statuses_never_appear(server, tiny_data):
+    """Every status the POST endpoints answer is in the published schema (no stray 400)."""
+    client, _ = server
+    api = client.get("/openapi.json").json()
+    documented = {int(c) for c in api["paths"]["/v1/rank"]["post"]["responses"]}
+    seen = set()
+    for body in [*GARBAGE, json.dumps(request_body(tiny_data, 700)).encode()]:
+        for ctype in ("application/json", "text/plain", "multipart/form-data; boundary=x"):
+            seen.add(client.post("/v1/rank", content=body, headers={"content-type": ctype}).status_code)
+    assert seen <= documented, seen - documented
+    assert 200 in seen and 422 in seen
+
+
+def test_concurrent_requests_are_micro_batched_with_the_same_scores(server, tiny_data):
+    from concurrent.futures import ThreadPoolExecutor
+
+    client, ranker = server
+    bodies = [request_body(tiny_data, 600 + 7 * i) for i in range(24)]
+    expected = [{c.item_id: c.score for c in ranker.rank(b).candidates} for b in bodies]
+    url = str(client.base_url)
+
+    def post(b):
+        with httpx.Client(base_url=url, timeout=60) as c:
+            return c.post("/v1/rank", json=b)
+
+    with ThreadPoolExecutor(12) as ex:
+        got = list(ex.map(post, bodies))
+    assert all(r.status_code == 200 for r in got), [r.text[:200] for r in got if r.status_code != 200]
+    for r, exp in zip(got, expected):
+        s = {c["item_id"]: c["score"] for c in r.json()["candidates"]}
+        assert s.keys() == exp.keys() and max(abs(s[k] - exp[k]) for k in s) < 1e-5
+    stats = client.get("/healthz").json()
+    assert stats["status"] == "ok" and stats["largest_batch"] > 1  # some requests shared a forward
+
+
+def test_concurrent_event_writes_are_all_stored(server, tiny_data):
+    from concurrent.futures import ThreadPoolExecutor
+
+    client, ranker = server
+    before = ranker.store.counts()["behaviors"]
+    url = str(client.base_url)
+
+    def post(k):
+        ev = [{"user_id": f"writer-{k}", "item_id": i, "timestamp": 1000 + i, "action": "click"} for i in range(5)]
+        with httpx.Client(base_url=url, timeout=60) as c:
+            return c.post("/v1/events", json={"events": ev})
+
+    with ThreadPoolExecutor(8) as ex:
+        got = list(ex.map(post, range(40)))
+    assert all(r.status_code == 200 and r.json() == {"appended": 5} for r in got)
+    assert ranker.store.counts()["behaviors"] == before + 200
+    assert len(ranker.store.history("writer-3", 10**6, 100)) == 5
+
+
+def test_serve_workers_share_one_store(tmp_path, tiny_data, tmp_path_factory):
+    """`qdrank serve --workers 2`: two processes, one torch thread each, every event stored exactly once."""
+    import subprocess
+    import sys
+    from concurrent.futures import ThreadPoolExecutor
+    from pathlib import Path
+
+    base = tmp_path_factory.getbasetemp()
+    run = build_run(base, tiny_data)
+    store = tmp_path / "store.sqlite"
+    store.write_bytes(build_store(base, tiny_data).read_bytes())
+    with HistoryStore(store) as st:
+        before = st.counts()["behaviors"]
+    port = free_port()
+    srv = subprocess.Popen([sys.executable, "-m", "qdrank.cli", "serve", str(run), "--store", str(store),
+                            "--port", str(port), "--workers", "2", "--log-level", "warning"],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                if httpx.get(url + "/healthz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert srv.poll() is None, srv.stderr.read().decode()[-2000:]
+            assert time.time() < deadline, "server did not start"
+            time.sleep(0.3)
+        children = Path(f"/proc/{srv.pid}/task/{srv.pid}/children").read_text().split()
+        assert len(children) >= 2  # the two workers (a resource tracker may be a third child)
+
+        def post(k):
+            ev = [{"user_id": f"w-{k}", "item_id": i, "timestamp": 1000 + i, "action": "click"} for i in range(3)]
+            with httpx.Client(base_url=url, timeout=60) as c:
+                h = c.get("/healthz").json()
+                r = c.post("/v1/events", json={"events": ev})
+                rank = c.post("/v1/rank", json=request_body(tiny_data, 700))
+                return h, r.status_code, rank.status_code
+
+        with ThreadPoolExecutor(8) as ex:
+            got = list(ex.map(post, range(48)))
+        assert all(code == 200 and rc == 200 for _, code, rc in got)
+        assert {h["threads"] for h, _, _ in got} == {1}
+        with HistoryStore(store) as st:
+            assert st.counts()["behaviors"] == before + 48 * 3
+    finally:
+        srv.terminate()
+        srv.wait(timeout=30)

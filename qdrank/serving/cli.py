@@ -25,13 +25,29 @@ def cmd_serve(a) -> None:
     over = _serving_overrides(a.set)
     if a.threads is not None:
         over["num_threads"] = a.threads
+    if a.backend is not None:
+        over["backend"] = a.backend
+    if a.workers < 1:
+        raise SystemExit("error: --workers must be >= 1")
+    if a.workers > 1 and not a.store:
+        raise SystemExit("error: --workers > 1 needs --store FILE: each worker is a process, and an in-memory "
+                         "store would give each its own history")
+    # loaded here once even with workers: a bad run or option fails before any worker starts,
+    # and the ONNX backend exports once for all of them
     ranker = Ranker.load(Path(a.run), store=a.store, **over)
+    if ranker.onnx is not None:
+        over["onnx_path"] = str(ranker.onnx.path)
     where = f"store {a.store}" if a.store else "in-memory store (events are lost on exit)"
-    _log(f"serving {ranker.cfg.model_name} from {a.run} on http://{a.host}:{a.port} ({where}); "
+    _log(f"serving {ranker.cfg.model_name} from {a.run} on http://{a.host}:{a.port} ({where}; backend "
+         f"{ranker.serving.backend}; {a.workers} worker(s) x {ranker.serving.num_threads} thread(s)); "
          f"OpenAPI at /docs and /openapi.json")
     if a.host not in ("127.0.0.1", "localhost", "::1"):
         _log(f"warning: binding to {a.host}: the API has no authentication")
-    serve(ranker, a.host, a.port, log_level=a.log_level)
+    if a.workers == 1:
+        serve(ranker, a.host, a.port, log_level=a.log_level)
+    else:
+        cfg = {"run": str(Path(a.run).resolve()), "store": str(Path(a.store).resolve()), "overrides": over}
+        serve(None, a.host, a.port, log_level=a.log_level, workers=a.workers, worker_config=cfg)
 
 
 def cmd_store_load(a) -> None:
@@ -63,7 +79,10 @@ def register(sub) -> None:
     s.add_argument("--host", default="127.0.0.1", help="bind address (default loopback)")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--store", help="SQLite history store (`qdrank store load`); default: in memory")
-    s.add_argument("--threads", type=int, help="torch threads (default: serving num_threads = 1)")
+    s.add_argument("--threads", type=int, help="torch / ONNX Runtime threads per worker (default 1)")
+    s.add_argument("--workers", type=int, default=1,
+                   help="server processes on one port (one per core; needs --store). Default 1")
+    s.add_argument("--backend", choices=["torch", "onnx"], help="scoring backend (default torch)")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="serving option: formula, alpha, denoise_steps, max_candidates, max_history_inline, ...")
     s.add_argument("--log-level", default="info")

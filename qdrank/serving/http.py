@@ -1,32 +1,52 @@
-"""HTTP API (FastAPI): ``POST /v1/rank``, ``POST /v1/events``, ``GET /v1/model``, ``GET /healthz``.
+"""HTTP API: ``POST /v1/rank``, ``POST /v1/events``, ``GET /v1/model``, ``GET /healthz``.
+
+The request path avoids per-request framework work: bodies are read raw (with a deadline),
+decoded with msgspec and checked by :mod:`qdrank.serving.schemas`; responses are msgspec-encoded
+bytes. Rank requests go through a :class:`MicroBatcher`: requests arriving together (gathered for
+at most ``batch_wait_ms``, and only while more are on their way) are scored in one forward (on the
+event loop's thread), then split. ``qdrank serve --workers N`` runs N such processes on one port, each
+with one torch / ONNX Runtime thread (one process per core, no oversubscription).
 
 Error contract: every error body is ``{"detail": [{"loc": [...], "msg": ..., "type": ...}]}`` (or a
-string detail). Schema errors -> 422 naming the field; too many candidates / inline behaviours /
-events, or a body over ``max_body_bytes`` -> 413; anything the input causes while it is encoded ->
-422. Inputs are never echoed back (no NaN or megabyte strings in error bodies). Unexpected server
-faults -> 500 with a generic message; the server stays up.
+string detail for 404/405). Schema errors and malformed JSON -> 422 naming the field; too many
+candidates / inline behaviours / events, or a body over ``max_body_bytes`` -> 413; a body not
+received within ``body_timeout_s`` (e.g. a Content-Length larger than what is sent) -> 408 and the
+connection is closed. Inputs are never echoed back. Unexpected server faults -> 500 with a generic
+message; the server stays up. The OpenAPI schema (``/openapi.json``) is generated from the same
+rules, with the run's own feature names and types.
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import torch
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from qdrank.serving.ranker import Ranker, RequestError
-from qdrank.serving.schemas import ErrorResponse, EventsRequest, EventsResponse, RankRequest, RankResponse
+from qdrank.serving.ranker import Ranker
+from qdrank.serving.schemas import (
+    RequestError,
+    check_events,
+    decode_json,
+    encode_json,
+    request_openapi,
+    response_openapi,
+)
 
 log = logging.getLogger("qdrank.serving")
-MAX_ERRORS = 20
+ENV_CONFIG = "QDRANK_SERVE_CONFIG"  # worker processes of `qdrank serve --workers N` read their config here
 
 
 class BodyTooLarge(StarletteHTTPException):
-    """Raised from ``receive``; an HTTPException so FastAPI's body parser lets it through as is."""
+    """Raised from ``receive``; an HTTPException so the framework lets it through as is."""
 
     def __init__(self) -> None:
         super().__init__(413, "request body too large")
@@ -48,7 +68,8 @@ class BodyLimit:
                 except ValueError:
                     too_big = False
                 if too_big:
-                    return await _too_large(scope, receive, send, self.limit)
+                    return await _error(413, ("body",), f"request body larger than {self.limit} bytes",
+                                        "too_large", close=True)(scope, receive, send)
         seen = 0
 
         async def limited():
@@ -63,47 +84,118 @@ class BodyLimit:
         return await self.app(scope, limited, send)
 
 
-async def _too_large(scope, receive, send, limit: int) -> None:
-    resp = JSONResponse({"detail": [{"loc": ["body"], "msg": f"request body larger than {limit} bytes",
-                                     "type": "too_large"}]}, status_code=413)
-    await resp(scope, receive, send)
+def _error(status: int, loc: tuple, msg: str, kind: str, close: bool = False) -> Response:
+    body = encode_json({"detail": [{"loc": list(loc), "msg": msg[:500], "type": kind}]})
+    return Response(body, status_code=status, media_type="application/json",
+                    headers={"connection": "close"} if close else None)
 
 
-def _clean(v: Any) -> Any:
-    if isinstance(v, float) and not math.isfinite(v):
-        return str(v)
-    return v
+def _request_error(e: RequestError) -> Response:
+    return Response(encode_json({"detail": [e.detail()]}), status_code=e.status, media_type="application/json")
 
 
-def _errors(errs: list[dict]) -> list[dict]:
-    out = []
-    for e in errs[:MAX_ERRORS]:
-        loc = [x if isinstance(x, int) else str(x)[:200] for x in e.get("loc", ())]
-        out.append({"loc": loc, "msg": str(e.get("msg", ""))[:500], "type": str(e.get("type", "value_error"))})
-    return out
+class MicroBatcher:
+    """Gathers concurrent rank requests into one forward on the event loop's thread.
+
+    A request that finds no other request on its way (none reading its body, none queued) is scored
+    at once: waiting only pays when there is someone to wait for. Otherwise the batch closes after
+    ``wait_s`` or at ``max_batch`` requests. Decoding, checking, encoding, the forward and response
+    building run on the event loop's thread (one process per core: a second thread would only add
+    hand-offs); requests that arrive meanwhile are read afterwards and form the next batch. Store
+    writes (``/v1/events``) run on one helper thread, serialised by the store's lock."""
+
+    def __init__(self, ranker: Ranker, wait_s: float, max_batch: int):
+        self.ranker, self.wait_s, self.max_batch = ranker, wait_s, max_batch
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix="qdrank-store")
+        self.queue: asyncio.Queue | None = None
+        self.arriving = 0  # requests reading their body: they will be queued soon
+        self.largest = 0  # the largest batch so far (``/healthz`` shows it)
+        self._task: asyncio.Task | None = None
+
+    def _start(self) -> None:
+        if self._task is None or self._task.done():
+            self.queue = asyncio.Queue()
+            self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def submit(self, body: bytes) -> bytes | RequestError:
+        self._start()
+        fut = asyncio.get_running_loop().create_future()
+        self.queue.put_nowait((body, fut))
+        return await fut
+
+    async def run_blocking(self, fn, *args):
+        """Blocking store writes, off the event loop, one at a time."""
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        q = self.queue
+        while True:
+            items = [await q.get()]
+            deadline = loop.time() + self.wait_s
+            while len(items) < self.max_batch:
+                if not q.empty():
+                    items.append(q.get_nowait())
+                    continue
+                left = deadline - loop.time()
+                if left <= 0 or self.arriving == 0:
+                    break
+                try:
+                    items.append(await asyncio.wait_for(q.get(), left))
+                except TimeoutError:
+                    break
+            self.largest = max(self.largest, len(items))
+            try:  # on the event loop's own thread: no hand-off per batch; bodies arriving meanwhile
+                #     wait in the socket buffers and form the next batch
+                results = self._score([b for b, _ in items])
+            except Exception as e:  # noqa: BLE001 - a server fault: every waiting request gets it
+                results = [e] * len(items)
+            for (_, fut), res in zip(items, results):
+                if not fut.done():
+                    fut.set_result(res)
+
+    def _score(self, bodies: list[bytes]) -> list[bytes | RequestError]:
+        parsed: list[Any] = []
+        for b in bodies:
+            try:
+                parsed.append(self.ranker.check(decode_json(b)))
+            except RequestError as e:
+                parsed.append(e)
+        todo = [p for p in parsed if not isinstance(p, RequestError)]
+        done = iter(self.ranker.rank_many(todo)) if todo else iter(())
+        out: list[bytes | RequestError] = []
+        for p in parsed:
+            if isinstance(p, RequestError):
+                out.append(p)
+            else:
+                r = next(done)
+                out.append(r if isinstance(r, RequestError) else encode_json(r))
+        return out
+
+
+async def _read_body(request: Request, timeout: float) -> bytes | Response:
+    try:
+        return await asyncio.wait_for(request.body(), timeout)
+    except TimeoutError:
+        return _error(408, ("body",), f"request body not received within {timeout:g} s", "timeout", close=True)
+    except BodyTooLarge:
+        return _error(413, ("body",), "request body larger than the server's max_body_bytes", "too_large",
+                      close=True)
 
 
 def create_app(ranker: Ranker) -> FastAPI:
-    app = FastAPI(title="qdrank", version="1",
+    s = ranker.serving
+    app = FastAPI(title="qdrank", version="1", redoc_url=None,
                   description="Personalized search ranking: rank candidates for a user, query and context.")
     app.state.ranker = ranker
-    app.add_middleware(BodyLimit, limit=int(ranker.serving.max_body_bytes))
-    errors = {422: {"model": ErrorResponse}, 413: {"model": ErrorResponse}}
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError):
-        return JSONResponse({"detail": _errors(list(exc.errors()))}, status_code=422)
+    batcher = MicroBatcher(ranker, float(s.batch_wait_ms) / 1000, int(s.max_batch))
+    app.state.batcher = batcher
+    app.add_middleware(BodyLimit, limit=int(s.max_body_bytes))
+    timeout = float(s.body_timeout_s)
 
     @app.exception_handler(RequestError)
-    async def _request_error(_: Request, exc: RequestError):
-        return JSONResponse({"detail": [{"loc": list(exc.loc), "msg": exc.msg[:500], "type": exc.kind}]},
-                            status_code=exc.status)
-
-    @app.exception_handler(BodyTooLarge)
-    async def _body(_: Request, exc: BodyTooLarge):
-        return JSONResponse({"detail": [{"loc": ["body"], "msg": "request body larger than "
-                                         f"{ranker.serving.max_body_bytes} bytes", "type": "too_large"}]},
-                            status_code=413)
+    async def _request_err(_: Request, exc: RequestError):
+        return _request_error(exc)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException):
@@ -111,38 +203,103 @@ def create_app(ranker: Ranker) -> FastAPI:
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception):
-        log.exception("unexpected error")
+        log.error("unexpected error: %s: %s", type(exc).__name__, exc)
         return JSONResponse({"detail": f"internal error ({type(exc).__name__})"}, status_code=500)
 
-    @app.post("/v1/rank", response_model=RankResponse, responses=errors)
-    def rank(req: RankRequest) -> RankResponse:
-        """Rank all candidates for the user, query and context; best score first."""
-        ranker.check_limits(req)
+    @app.post("/v1/rank")
+    async def rank(request: Request) -> Response:
+        batcher.arriving += 1
         try:
-            enc = ranker.encoder.encode(req, ranker.store)
-        except RequestError:
-            raise
-        except (ValueError, TypeError, KeyError, OverflowError, IndexError) as e:
-            # the input reached a case the encoder did not anticipate: still the input's fault
-            raise RequestError(("body",), f"could not encode the request: {type(e).__name__}: {str(e)[:200]}"
-                               ) from e
-        return ranker.respond(req, enc)
+            body = await _read_body(request, timeout)
+        finally:
+            batcher.arriving -= 1
+        if isinstance(body, Response):
+            return body
+        res = await batcher.submit(body)
+        if isinstance(res, RequestError):
+            return _request_error(res)
+        if isinstance(res, BaseException):
+            raise res
+        return Response(res, media_type="application/json")
 
-    @app.post("/v1/events", response_model=EventsResponse, responses=errors)
-    def events(req: EventsRequest) -> EventsResponse:
-        """Append behaviours to the history store; later requests of the user see them."""
-        return EventsResponse(appended=ranker.append_events(req.events))
+    @app.post("/v1/events")
+    async def events(request: Request) -> Response:
+        body = await _read_body(request, timeout)
+        if isinstance(body, Response):
+            return body
+        def append() -> int:
+            evs = check_events(decode_json(body), s.max_events, ranker.known["behavior"])
+            return ranker.store.append(evs)
+
+        try:
+            n = await batcher.run_blocking(append)
+        except RequestError as e:
+            return _request_error(e)
+        return Response(encode_json({"appended": n}), media_type="application/json")
 
     @app.get("/v1/model")
     def model() -> dict:
-        """Model name, run config, serving config, training metrics, feature schema."""
         return _json_safe(ranker.info())
 
     @app.get("/healthz")
     def healthz() -> dict:
-        return {"status": "ok", "model": ranker.cfg.model_name}
+        return {"status": "ok", "model": ranker.cfg.model_name, "pid": os.getpid(), "largest_batch": batcher.largest,
+                "threads": torch.get_num_threads()}
 
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = openapi_document(ranker)
+        return app.openapi_schema
+
+    app.openapi = openapi
     return app
+
+
+def openapi_document(ranker: Ranker) -> dict[str, Any]:
+    """The OpenAPI 3.1 document: request schemas from the checking rules and the run's features."""
+    s = ranker.serving
+    comps = {**response_openapi(), **request_openapi(ranker.known, s.max_candidates, s.max_history_inline,
+                                                     s.max_events)}
+    comps["ModelInfo"] = {"type": "object", "description": "model name, run config (no absolute paths), serving "
+                          "config, training metrics, feature schema"}
+    comps["Health"] = {"type": "object", "required": ["status", "model"],
+                       "properties": {"status": {"type": "string"}, "model": {"type": "string"},
+                                      "pid": {"type": "integer", "description": "the worker process answering"},
+                                      "threads": {"type": "integer", "description": "torch threads of that worker"},
+                                      "largest_batch": {"type": "integer",
+                                                        "description": "most requests scored in one forward"}}}
+    err = {"description": "error naming the field",
+           "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}}
+
+    def ok(name: str) -> dict:
+        return {"description": "OK", "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{name}"}}}}
+
+    def post(name: str, out: str, summary: str) -> dict:
+        return {"post": {
+            "summary": summary, "operationId": name.lower(),
+            "requestBody": {"required": True,
+                            "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{name}"}}}},
+            "responses": {"200": ok(out),
+                          "408": {**err, "description": "request body not received within body_timeout_s"},
+                          "413": {**err, "description": "too many candidates / behaviours / events, or body too large"},
+                          "422": {**err, "description": "invalid request (malformed JSON, schema, feature type)"}}}}
+
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "qdrank", "version": "1",
+                 "description": f"Personalized search ranking with model {ranker.cfg.model_name!r}."},
+        "paths": {
+            "/v1/rank": post("RankRequest", "RankResponse", "Rank all candidates for the user, query and context; "
+                             "best score first"),
+            "/v1/events": post("EventsRequest", "EventsResponse", "Append behaviours to the history store; later "
+                               "requests of the user see them"),
+            "/v1/model": {"get": {"summary": "Model name, run config, serving config, training metrics, features",
+                                  "operationId": "model", "responses": {"200": ok("ModelInfo")}}},
+            "/healthz": {"get": {"summary": "Liveness", "operationId": "healthz",
+                                 "responses": {"200": ok("Health")}}},
+        },
+        "components": {"schemas": comps},
+    }
 
 
 def _json_safe(v: Any) -> Any:
@@ -150,10 +307,29 @@ def _json_safe(v: Any) -> Any:
         return {k: _json_safe(x) for k, x in v.items()}
     if isinstance(v, list | tuple):
         return [_json_safe(x) for x in v]
-    return _clean(v)
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    return v
 
 
-def serve(ranker: Ranker, host: str = "127.0.0.1", port: int = 8000, log_level: str = "warning") -> None:
+# ---- serving processes ------------------------------------------------------------------------------------
+def app_from_env() -> FastAPI:
+    """App factory of a worker process (``qdrank serve --workers N``): config from $QDRANK_SERVE_CONFIG."""
+    cfg = json.loads(os.environ[ENV_CONFIG])
+    ranker = Ranker.load(cfg["run"], store=cfg.get("store"), **cfg.get("overrides", {}))
+    return create_app(ranker)
+
+
+def serve(ranker: Ranker | None = None, host: str = "127.0.0.1", port: int = 8000, log_level: str = "warning",
+          workers: int = 1, worker_config: dict | None = None) -> None:
+    """One process (``ranker``), or ``workers`` processes each loading ``worker_config`` (run, store, overrides)."""
     import uvicorn
 
-    uvicorn.run(create_app(ranker), host=host, port=port, log_level=log_level, access_log=False)
+    kw = dict(host=host, port=port, log_level=log_level, access_log=False, timeout_keep_alive=30)
+    if workers <= 1:
+        uvicorn.run(create_app(ranker), **kw)
+        return
+    os.environ[ENV_CONFIG] = json.dumps(worker_config)
+    for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):  # one thread per worker
+        os.environ[k] = str(worker_config.get("overrides", {}).get("num_threads", 1) or 1)
+    uvicorn.run("qdrank.serving.http:app_from_env", factory=True, workers=workers, **kw)

@@ -1,15 +1,20 @@
-"""Rank one request: raw JSON -> :class:`Batch` (R=1) -> encode once, score all candidates.
+"""Rank requests: raw JSON -> checked dict -> :class:`Batch` -> encode once, score all candidates.
 
     ranker = Ranker.load("runs/din", store="history.sqlite")
     resp = ranker.rank({"user_id": 7, "query": "running shoes", "context": {"device": "app"},
                         "candidates": [{"item_id": 12, "price": 59.0}, {"item_id": 40}]})
     resp.candidates[0].item_id, resp.candidates[0].score
 
-Encoding uses per-feature lookup dicts built once from the feature map (the same id rules as
-:meth:`FeatureMap.encode_sparse` / ``encode_numeric`` / ``encode_text``, without building pandas
-frames per request); the tests check both paths give identical ids. The history rule is the
-training loader's: behaviours strictly earlier than the request time, the most recent
-``max_history``, chronological and left-aligned, time gaps bucketed with :func:`time_bucket`.
+The request path is column-wise: :mod:`qdrank.serving.schemas` checks the body a column at a time,
+the encoder looks each candidate feature column up in per-feature dicts built once from the feature
+map (the same id rules as :meth:`FeatureMap.encode_sparse` / ``encode_numeric`` / ``encode_text``;
+the tests check both paths give identical ids), and the response is built from numpy arrays.
+The history rule is the training loader's: behaviours strictly earlier than the request time, the
+most recent ``max_history``, chronological and left-aligned, time gaps bucketed with
+:func:`time_bucket`.
+
+:meth:`Ranker.rank_many` scores several requests in one forward (the HTTP server's micro-batches);
+``backend="onnx"`` scores with an ONNX Runtime session of the exported model instead of PyTorch.
 """
 
 from __future__ import annotations
@@ -17,9 +22,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
+from itertools import repeat
+from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
@@ -29,19 +37,22 @@ import torch
 from qdrank.config import DataConfig, RunConfig
 from qdrank.data.dataset import BEHAVIOR_QUERY_TOKENS, Batch, time_bucket
 from qdrank.data.features import Feature, FeatureMap, canonical_key
-from qdrank.serving.schemas import Behavior, RankedItem, RankRequest, RankResponse
+from qdrank.serving.schemas import (
+    NUMBER_RE,
+    NUMERIC_Z_CLIP,
+    RankedItem,
+    RankRequest,
+    RankResponse,
+    RequestError,
+    check_events,
+    check_rank_request,
+)
 from qdrank.serving.store import HistoryStore
 from qdrank.training import checkpoint as ckpt
 
 FORMULAS = ("ctr", "ctr_cvr")
-
-
-class RequestError(ValueError):
-    """The request is at fault. ``loc`` names the field (as pydantic does); ``status`` is the HTTP code."""
-
-    def __init__(self, loc: tuple, msg: str, status: int = 422, kind: str = "value_error"):
-        super().__init__(f"{'.'.join(str(x) for x in loc)}: {msg}")
-        self.loc, self.msg, self.status, self.kind = tuple(loc), msg, status, kind
+BACKENDS = ("torch", "onnx")
+__all__ = ["Ranker", "RequestEncoder", "RequestError", "ServingConfig", "encode_request", "concat_batches"]
 
 
 @dataclass
@@ -50,12 +61,17 @@ class ServingConfig:
 
     formula: str = "auto"            # ctr | ctr_cvr | auto (ctr_cvr when the run has a CVR task)
     alpha: float = 1.0               # score = ctr * cvr ** alpha
-    num_threads: int = 1             # torch.set_num_threads; 0 = leave torch's default
+    backend: str = "torch"           # torch | onnx (ONNX Runtime session of the exported model)
+    onnx_path: str | None = None     # backend onnx: an exported model.onnx (default: export at load)
+    num_threads: int = 1             # torch / ONNX Runtime intra-op threads; 0 = leave the library's default
     denoise_steps: int = 1           # passed to model configs that have `denoise_steps` (diffusion)
     max_candidates: int = 2000       # more -> 413
     max_history_inline: int = 10000  # more inline behaviours -> 413
     max_events: int = 10000          # per POST /v1/events call -> 413
     max_body_bytes: int = 32 * 2**20  # HTTP bodies larger than this -> 413
+    body_timeout_s: float = 10.0     # HTTP: a body not fully received by then -> 408, connection closed
+    batch_wait_ms: float = 1.0       # HTTP micro-batching: gather concurrent requests this long at most
+    max_batch: int = 32              # HTTP micro-batching: requests per forward at most
     max_history: int = 0             # 0 = the run's data.max_history (only raise it for models without
     #                                   length-bound parameters; benchmarks use it)
     store: str | None = None         # SQLite file; None = an in-memory store (events still work)
@@ -72,11 +88,16 @@ class ServingConfig:
         cfg = cls(**values)
         if cfg.formula not in (*FORMULAS, "auto"):
             raise ValueError(f"serving formula must be one of ctr, ctr_cvr, auto; got {cfg.formula!r}")
+        if cfg.backend not in BACKENDS:
+            raise ValueError(f"serving backend must be one of {', '.join(BACKENDS)}; got {cfg.backend!r}")
         if not math.isfinite(float(cfg.alpha)) or cfg.alpha < 0:
             raise ValueError(f"serving alpha must be a finite number >= 0, got {cfg.alpha!r}")
-        for k in ("max_candidates", "max_history_inline", "max_events", "max_body_bytes"):
+        for k in ("max_candidates", "max_history_inline", "max_events", "max_body_bytes", "max_batch"):
             if int(getattr(cfg, k)) < 1:
                 raise ValueError(f"serving {k} must be >= 1")
+        for k in ("body_timeout_s", "batch_wait_ms"):
+            if not math.isfinite(float(getattr(cfg, k))) or float(getattr(cfg, k)) < 0:
+                raise ValueError(f"serving {k} must be a finite number >= 0")
         return cfg
 
 
@@ -91,10 +112,15 @@ class Encoded:
     history_source: str
     timestamp: int
     item_known: np.ndarray = field(repr=False)
+    item_ids: list = field(default_factory=list, repr=False)
+
+
+def _row_loc(loc: tuple, i: int) -> tuple:
+    return (*loc, i) if loc and loc[-1] in ("candidates", "history") else loc
 
 
 class RequestEncoder:
-    """Per-feature lookup tables built once from a :class:`FeatureMap`; encodes single requests."""
+    """Per-feature lookup tables built once from a :class:`FeatureMap`; encodes checked requests."""
 
     TEXT_CACHE = 100_000
 
@@ -106,12 +132,18 @@ class RequestEncoder:
         for f in fmap.features.values():
             if f.type in ("categorical", "list"):
                 self.tables[f.name] = {v: f.offset + 1 + i for i, v in enumerate(f.vocab)}
-        self.sparse_layout = {r: fmap.slot_layout(r) for r in ("user", "context", "candidate", "behavior")}
-        self.numeric = {r: fmap.role_features(r, sparse=False) for r in ("user", "context", "candidate", "behavior")}
-        self.n_slots = {r: fmap.n_slots(r) for r in self.sparse_layout}
+        roles = ("user", "context", "candidate", "behavior")
+        self.sparse_layout = {r: fmap.slot_layout(r) for r in roles}
+        self.numeric = {r: fmap.role_features(r, sparse=False) for r in roles}
+        self.n_slots = {r: fmap.n_slots(r) for r in roles}
         self.user_vocab = self.tables.get("user_id", {})
         self._text: dict[tuple[str, int], np.ndarray] = {}
         self._text_lock = threading.Lock()
+
+    def known_features(self) -> dict[str, dict[str, str]]:
+        """role -> {feature name: type}: what the published request schema lists."""
+        return {r: {f.name: f.type for f, _, _ in self.sparse_layout[r]} | {f.name: f.type for f in self.numeric[r]}
+                for r in self.sparse_layout}
 
     # ---- value encoders -------------------------------------------------------------------------
     def text(self, s: str | None, width: int) -> np.ndarray:
@@ -131,88 +163,122 @@ class RequestEncoder:
         if isinstance(v, list | dict):
             raise RequestError(loc, f"feature '{f.name}' is categorical: expected a single value, got a "
                                f"{type(v).__name__}")
-        return self.tables[f.name].get(canonical_key(v), f.offset)
+        try:
+            key = canonical_key(v)
+        except ValueError:  # an integer too long to print: no training value looks like it
+            return f.offset
+        return self.tables[f.name].get(key, f.offset)
 
-    def sparse_row(self, role: str, values: dict[str, Any], out: np.ndarray, loc: tuple) -> None:
-        for f, start, width in self.sparse_layout[role]:
-            v = values.get(f.name)
-            if v is None:
-                continue
-            where = (*loc, f.name)
-            if f.type == "categorical":
-                out[start] = self._cat(f, v, where)
-            elif f.type == "list":
-                vs = v if isinstance(v, list) else [v]
-                for j, x in enumerate(vs[:width]):
-                    out[start + j] = self._cat(f, x, where)
-            else:  # text
-                if not isinstance(v, str):
-                    raise RequestError(where, f"feature '{f.name}' is text: expected a string")
-                out[start:start + width] = self.text(v, width)
+    def _cat_column(self, f: Feature, col: list, loc: tuple) -> np.ndarray:
+        table, oov = self.tables[f.name], f.offset
+        types = set(map(type, col))
+        if types <= {str, int}:  # canonical_key of both is str()
+            return np.fromiter(map(table.get, map(str, col), repeat(oov)), dtype=np.int64, count=len(col))
+        if types <= {str, int, type(None)}:
+            get = table.get
+            return np.fromiter((0 if v is None else get(str(v), oov) for v in col), dtype=np.int64, count=len(col))
+        return np.fromiter((self._cat(f, v, (*_row_loc(loc, i), f.name)) for i, v in enumerate(col)),
+                           dtype=np.int64, count=len(col))
 
-    def numeric_row(self, role: str, values: dict[str, Any], out: np.ndarray, loc: tuple) -> None:
-        for j, f in enumerate(self.numeric[role]):
-            v = values.get(f.name)
-            if v is None:
-                continue
-            if isinstance(v, str):
-                try:
-                    v = float(v)
-                except ValueError:
-                    raise RequestError((*loc, f.name), f"feature '{f.name}' is numeric: {v[:40]!r} is not a "
-                                       "number") from None
-            elif not isinstance(v, int | float):
-                raise RequestError((*loc, f.name), f"feature '{f.name}' is numeric: expected a number, got "
-                                   f"{type(v).__name__}")
-            x = float(v)
+    def _num_column(self, f: Feature, col: list, loc: tuple) -> np.ndarray:
+        """Raw values -> standardised float32, missing = 0, clipped to +/- NUMERIC_Z_CLIP."""
+        types = set(map(type, col))
+        if not types <= {int, float, type(None), bool}:
+            col = list(col)
+            for i, v in enumerate(col):
+                t = type(v)
+                if t is str:
+                    if not NUMBER_RE.match(v):
+                        raise RequestError((*_row_loc(loc, i), f.name), f"feature '{f.name}' is numeric: "
+                                           f"{v[:40]!r} is not a number")
+                    col[i] = float(v)
+                elif not (t is int or t is float or t is bool or v is None):
+                    raise RequestError((*_row_loc(loc, i), f.name), f"feature '{f.name}' is numeric: expected "
+                                       f"a number, got {type(v).__name__}")
+        try:
+            x = np.array(col, dtype=np.float64)
+        except OverflowError:  # integers beyond float range
+            x = np.array([None if v is None else ((math.inf if v > 0 else -math.inf) if abs(v) > 1e308 else float(v))
+                          for v in col], dtype=np.float64)
+        with np.errstate(over="ignore", invalid="ignore"):
             if f.log:
-                x = math.log1p(max(x, 0.0))
-            x = (x - f.mean) / f.std
-            out[j] = x if math.isfinite(x) else 0.0
+                x = np.log1p(np.maximum(x, 0.0))
+            z = (x - f.mean) / f.std
+        z = np.clip(z, -NUMERIC_Z_CLIP, NUMERIC_Z_CLIP)
+        return np.where(np.isnan(z), 0.0, z).astype(np.float32)
 
     def role_rows(self, role: str, rows: list[dict[str, Any]], loc: tuple) -> tuple[np.ndarray, np.ndarray]:
-        sp = np.zeros((len(rows), self.n_slots[role]), dtype=np.int64)
-        de = np.zeros((len(rows), len(self.numeric[role])), dtype=np.float32)
-        has_sparse, has_num = bool(self.sparse_layout[role]), bool(self.numeric[role])
-        for i, r in enumerate(rows):
-            where = (*loc, i) if len(loc) and loc[-1] in ("candidates", "history") else loc
-            if has_sparse:
-                self.sparse_row(role, r, sp[i], where)
-            if has_num:
-                self.numeric_row(role, r, de[i], where)
+        """Rows of one role (context, candidates, behaviours, ...) -> (sparse ids, dense values), by column."""
+        n = len(rows)
+        sp = np.zeros((n, self.n_slots[role]), dtype=np.int64)
+        de = np.zeros((n, len(self.numeric[role])), dtype=np.float32)
+        for f, start, width in self.sparse_layout[role]:
+            name = f.name
+            col = list(map(dict.get, rows, repeat(name)))
+            if col.count(None) == n:
+                continue
+            if f.type == "categorical":
+                sp[:, start] = self._cat_column(f, col, loc)
+            elif f.type == "list":
+                for i, v in enumerate(col):
+                    if v is not None:
+                        vs = v if isinstance(v, list) else [v]
+                        for j, x in enumerate(vs[:width]):
+                            sp[i, start + j] = self._cat(f, x, (*_row_loc(loc, i), name))
+            else:  # text
+                for i, v in enumerate(col):
+                    if v is None:
+                        continue
+                    if not isinstance(v, str):
+                        raise RequestError((*_row_loc(loc, i), name), f"feature '{name}' is text: expected a string")
+                    sp[i, start:start + width] = self.text(v, width)
+        for j, f in enumerate(self.numeric[role]):
+            col = list(map(dict.get, rows, repeat(f.name)))
+            if col.count(None) != n:
+                de[:, j] = self._num_column(f, col, loc)
         return sp, de
 
     def item_rows(self, ids: list) -> np.ndarray:
         get = self.item_row.get
+        if set(map(type, ids)) <= {str, int}:  # canonical_key of both is str()
+            return np.fromiter(map(get, map(str, ids), repeat(1)), dtype=np.int64, count=len(ids))
         return np.fromiter((get(i if isinstance(i, str) else canonical_key(i), 1) for i in ids), dtype=np.int64,
                            count=len(ids))
 
     # ---- a request ----------------------------------------------------------------------------------
-    def encode(self, req: RankRequest, store: HistoryStore | None = None, now: int | None = None) -> Encoded:
-        ts = int(req.timestamp if req.timestamp is not None else (now if now is not None else time.time()))
+    def encode(self, req: dict[str, Any] | RankRequest, store: HistoryStore | None = None,
+               now: int | None = None) -> Encoded:
+        """A request (a dict checked by :func:`check_rank_request`, or a :class:`RankRequest`) -> Batch."""
+        if isinstance(req, RankRequest):
+            req = check_rank_request(req.to_plain())
+        ts = req["timestamp"]
+        ts = int(ts if ts is not None else (now if now is not None else time.time()))
         L = self.L
+        user_id = req["user_id"]
 
         # user profile: store row, overridden by the request's profile; user_id always the request's
         prof: dict[str, Any] = {}
         if store is not None:
-            prof.update(store.profile(req.user_id) or {})
-        if req.profile:
-            prof.update(req.profile)
-        prof["user_id"] = req.user_id
-        unknown_user = canonical_key(req.user_id) not in self.user_vocab
-        loc = ("body", "profile") if req.profile else ("body", "user_id")
+            prof.update(store.profile(user_id) or {})
+        if req["profile"]:
+            prof.update(req["profile"])
+        prof["user_id"] = user_id
+        unknown_user = canonical_key(user_id) not in self.user_vocab
+        loc = ("body", "profile") if req["profile"] else ("body", "user_id")
         user_sp, user_de = self.role_rows("user", [prof], loc)
-        ctx_sp, ctx_de = self.role_rows("context", [req.context or {}], ("body", "context"))
-        query = self.text(req.query, self.data_cfg.max_query_tokens)[None, :]
+        ctx_sp, ctx_de = self.role_rows("context", [req["context"] or {}], ("body", "context"))
+        query = self.text(req["query"], self.data_cfg.max_query_tokens)[None, :]
 
         # history: strictly earlier than the request, most recent L, chronological
-        if req.history is not None:
+        inline = req["history"]
+        if inline is not None:
             source = "inline"
-            hist = [b for b in req.history if b.timestamp < ts]
-            hist.sort(key=_ts)  # stable: equal timestamps keep the given order
-            hist = [_behavior_dict(b) for b in hist[max(len(hist) - L, 0):]]
+            tss = np.fromiter(map(itemgetter("timestamp"), inline), dtype=np.int64, count=len(inline))
+            keep = np.flatnonzero(tss < ts)
+            keep = keep[np.argsort(tss[keep], kind="stable")][-L:] if L > 0 else keep[:0]
+            hist = [inline[i] for i in keep.tolist()]
         elif store is not None:
-            hist = store.history(req.user_id, ts, L)
+            hist = store.history(user_id, ts, L)
             source = "store"
         else:
             hist = []
@@ -238,12 +304,12 @@ class RequestEncoder:
             hist_time[0, :n] = time_bucket(gaps, self.fmap.time_buckets)
 
         # candidates
-        cands = req.candidates
+        cands = req["candidates"]
         N = len(cands)
-        cand_item = self.item_rows([c.item_id for c in cands])
+        ids = [c["item_id"] for c in cands]
+        cand_item = self.item_rows(ids)
         known = cand_item > 1
-        cand_sp, cand_de = self.role_rows("candidate", [c.model_extra or {} for c in cands],
-                                          ("body", "candidates"))
+        cand_sp, cand_de = self.role_rows("candidate", cands, ("body", "candidates"))
         t = torch.from_numpy
         batch = Batch(
             request_id=torch.zeros(1, dtype=torch.long),
@@ -254,17 +320,23 @@ class RequestEncoder:
             cand_dense=t(cand_de), position=torch.zeros(N, dtype=torch.long), click=torch.zeros(N),
             purchase=torch.full((N,), -1.0),
         )
-        return Encoded(batch, int(N - known.sum()), unknown_user, unknown_hist, n, source, ts, known)
+        return Encoded(batch, int(N - known.sum()), unknown_user, unknown_hist, n, source, ts, known, ids)
 
 
-def _ts(b: Behavior) -> int:
-    return b.timestamp
-
-
-def _behavior_dict(b: Behavior) -> dict[str, Any]:
-    d = dict(b.model_extra or {})
-    d.update(item_id=b.item_id, timestamp=b.timestamp, action=b.action, query=b.query)
-    return d
+def concat_batches(batches: list[Batch]) -> Batch:
+    """Requests of one-request batches (equal history length) -> one batch of R requests."""
+    if len(batches) == 1:
+        return batches[0]
+    out: dict[str, torch.Tensor] = {}
+    for name in ("request_id", "user_sparse", "user_dense", "ctx_sparse", "ctx_dense", "query", "hist_item",
+                 "hist_sparse", "hist_dense", "hist_query", "hist_time", "hist_len", "cand_item", "cand_sparse",
+                 "cand_dense", "position", "click", "purchase"):
+        out[name] = torch.cat([getattr(b, name) for b in batches])
+    out["request_id"] = torch.arange(len(batches))
+    out["cand_req"] = torch.cat([torch.full((b.cand_item.shape[0],), i, dtype=torch.long)
+                                 for i, b in enumerate(batches)])
+    extra = {k: torch.cat([b.extra[k] for b in batches]) for k in batches[0].extra}
+    return Batch(**out, extra=extra)
 
 
 _ENCODERS: dict[int, tuple[FeatureMap, DataConfig, RequestEncoder]] = {}
@@ -275,17 +347,52 @@ def encode_request(fmap: FeatureMap, data_cfg: DataConfig, request: RankRequest 
     """Raw request -> (Batch with R=1, number of unknown candidate items, whether the user is unknown).
 
     The lookup tables are built once per (feature map, data config) and cached."""
-    if not isinstance(request, RankRequest):
-        request = RankRequest.model_validate(request)
+    req = check_rank_request(request.to_plain() if isinstance(request, RankRequest) else request)
     hit = _ENCODERS.get(id(fmap))
     if hit is None or hit[0] is not fmap or hit[1] is not data_cfg:
         hit = (fmap, data_cfg, RequestEncoder(fmap, data_cfg))
         _ENCODERS[id(fmap)] = hit
-    enc = hit[2].encode(request, store)
+    enc = hit[2].encode(req, store)
     return enc.batch, enc.unknown_items, enc.unknown_user
 
 
-# ---- model loading -------------------------------------------------------------------------------
+# ---- backends ------------------------------------------------------------------------------------
+class OnnxScorer:
+    """An ONNX Runtime session of the run's exported scoring function (one request per call).
+
+    Threads are set explicitly (intra-op = ``num_threads``, inter-op 1, sequential execution): the
+    server runs one process per core, so the library's own pools would only oversubscribe."""
+
+    def __init__(self, model: torch.nn.Module, cfg: RunConfig, fmap: FeatureMap, path: str | Path | None,
+                 num_threads: int):
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise ValueError("serving backend onnx needs onnxruntime: pip install 'qdrank[onnx]' (or use "
+                             "backend=torch)") from None
+
+        from qdrank.serving.export import example_batch, export_model
+
+        self._tmp = None
+        if path is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="qdrank-onnx-")
+            path = export_model(model, example_batch(fmap, cfg), Path(self._tmp.name) / "model.onnx", "onnx",
+                                cfg.model_name)
+        so = ort.SessionOptions()
+        if num_threads > 0:
+            so.intra_op_num_threads = int(num_threads)
+        so.inter_op_num_threads = 1
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.path = Path(path)
+        self.session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        self.inputs = [i.name for i in self.session.get_inputs()]
+
+    def __call__(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        ctr, cvr = self.session.run(None, {n: getattr(batch, n).numpy() for n in self.inputs})
+        return torch.from_numpy(ctr), torch.from_numpy(cvr)
+
+
 # ---- the ranker ----------------------------------------------------------------------------------
 class Ranker:
     """A trained run ready to rank requests. Thread-safe: the model is read-only at inference."""
@@ -304,9 +411,11 @@ class Ranker:
         self.alpha = float(s.alpha)
         self.store = store if store is not None else HistoryStore(None)
         self.encoder = RequestEncoder(fmap, cfg.data, s.max_history or None)
+        self.known = self.encoder.known_features()
         if s.num_threads > 0:
             torch.set_num_threads(int(s.num_threads))
         model.eval()
+        self.onnx = OnnxScorer(model, cfg, fmap, s.onnx_path, s.num_threads) if s.backend == "onnx" else None
 
     @classmethod
     def load(cls, run_dir: str | Path, store: str | Path | HistoryStore | None = None,
@@ -321,23 +430,25 @@ class Ranker:
         return cls(model, cfg, fmap, serving, store, Path(run_dir))
 
     # ---- ranking ------------------------------------------------------------------------------------
-    def check_limits(self, req: RankRequest) -> None:
+    def check(self, request: RankRequest | dict) -> dict[str, Any]:
+        """Checks a request (shape, types, sizes: RequestError naming the field) -> its plain dict."""
         s = self.serving
-        if len(req.candidates) > s.max_candidates:
-            raise RequestError(("body", "candidates"), f"{len(req.candidates)} candidates; at most "
-                               f"{s.max_candidates} per request (serving max_candidates)", 413, "too_large")
-        if req.history is not None and len(req.history) > s.max_history_inline:
-            raise RequestError(("body", "history"), f"{len(req.history)} inline behaviours; at most "
-                               f"{s.max_history_inline} (serving max_history_inline)", 413, "too_large")
+        body = request.to_plain() if isinstance(request, RankRequest) else request
+        return check_rank_request(body, s.max_candidates, s.max_history_inline, self.known)
+
+    def check_limits(self, req: RankRequest | dict) -> None:  # kept for callers of the old API
+        self.check(req)
 
     def encode(self, request: RankRequest | dict) -> Encoded:
-        req = request if isinstance(request, RankRequest) else RankRequest.model_validate(request)
-        self.check_limits(req)
-        return self.encoder.encode(req, self.store)
+        return self.encoder.encode(self.check(request), self.store)
 
     @torch.inference_mode()
     def logits(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """Encode the request once, score every candidate (what ``forward(use_position=False)`` does)."""
+        """Encode each request once, score every candidate (what ``forward(use_position=False)`` does)."""
+        if self.onnx is not None:
+            if batch.n_requests == 1:
+                return self.onnx(batch)
+            raise ValueError("the ONNX backend scores one request per call")
         state = self.model.encode_request(batch)
         return self.model.score(state, batch)
 
@@ -348,33 +459,59 @@ class Ranker:
         return ctr, cvr, score
 
     def rank(self, request: RankRequest | dict) -> RankResponse:
-        req = request if isinstance(request, RankRequest) else RankRequest.model_validate(request)
-        return self.respond(req, self.encode(req))
+        enc = self.encode(request)
+        return self.respond(enc, *self.logits(enc.batch))
 
-    def respond(self, req: RankRequest, enc: Encoded) -> RankResponse:
-        """Score an encoded request and build the ranked response."""
-        ctr_l, cvr_l = self.logits(enc.batch)
+    def rank_many(self, requests: list[RankRequest | dict]) -> list[RankResponse | RequestError]:
+        """Several requests, one forward (torch backend): a request's error is its result, not the batch's.
+
+        Scores equal :meth:`rank`'s up to float rounding (tested)."""
+        encoded: list[Encoded | RequestError] = []
+        for r in requests:
+            try:
+                encoded.append(self.encode(r))
+            except RequestError as e:
+                encoded.append(e)
+            except (ValueError, TypeError, KeyError, OverflowError, IndexError) as e:
+                # the input reached a case the encoder did not anticipate: still the input's fault
+                encoded.append(RequestError(("body",), f"could not encode the request: {type(e).__name__}: "
+                                            f"{str(e)[:200]}"))
+        ok = [e for e in encoded if isinstance(e, Encoded)]
+        out: dict[int, RankResponse] = {}
+        if ok and (self.onnx is not None or len(ok) == 1):
+            for e in ok:
+                out[id(e)] = self.respond(e, *self.logits(e.batch))
+        elif ok:
+            ctr, cvr = self.logits(concat_batches([e.batch for e in ok]))
+            sizes = [e.batch.cand_item.shape[0] for e in ok]
+            for e, c, v in zip(ok, ctr.split(sizes), cvr.split(sizes)):
+                out[id(e)] = self.respond(e, c, v)
+        return [out[id(e)] if isinstance(e, Encoded) else e for e in encoded]
+
+    def respond(self, enc: Encoded, ctr_l: torch.Tensor, cvr_l: torch.Tensor) -> RankResponse:
+        """Scores of an encoded request -> the ranked response (built from arrays, no per-field work)."""
         ctr, cvr, score = self.scores(ctr_l, cvr_l)
         order = np.argsort(-score, kind="stable")
+        ids = enc.item_ids
         show_cvr = self.fmap.has_purchase
-        cands = req.candidates
-        items = [RankedItem.model_construct(item_id=cands[i].item_id, ctr=float(ctr[i]),
-                                            cvr=float(cvr[i]) if show_cvr else None, score=float(score[i]),
-                                            known=bool(enc.item_known[i])) for i in order.tolist()]
-        return RankResponse.model_construct(
+        o = order.tolist()
+        cvr_l = cvr[order].tolist() if show_cvr else [None] * len(o)
+        items = list(map(RankedItem, [ids[i] for i in o], ctr[order].tolist(), cvr_l, score[order].tolist(),
+                         enc.item_known[order].tolist()))
+        return RankResponse(
             model=self.cfg.model_name, timestamp=enc.timestamp, formula=self.formula, alpha=self.alpha,
             candidates=items, unknown_items=enc.unknown_items, unknown_user=enc.unknown_user,
             unknown_users=int(enc.unknown_user), unknown_history_items=enc.unknown_history_items,
             history_used=enc.history_used, history_source=enc.history_source)
 
     # ---- store & info -----------------------------------------------------------------------------------
-    def append_events(self, events: list) -> int:
-        if len(events) > self.serving.max_events:
-            raise RequestError(("body", "events"), f"{len(events)} events; at most {self.serving.max_events} "
-                               "per call (serving max_events)", 413, "too_large")
-        return self.store.append([e if isinstance(e, dict) else e.model_dump() for e in events])
+    def append_events(self, events: list | dict) -> int:
+        """Events (dicts or :class:`~qdrank.serving.schemas.Event`) -> appended count; checked first."""
+        evs = [e if isinstance(e, dict) else e.model_dump() for e in events]
+        return self.store.append(check_events({"events": evs}, self.serving.max_events, self.known["behavior"]))
 
     def info(self) -> dict[str, Any]:
+        """What ``GET /v1/model`` shows: no absolute paths (run and store by name only)."""
         metrics = None
         if self.run_dir is not None and (self.run_dir / "result.json").exists():
             try:
@@ -388,13 +525,27 @@ class Ranker:
                 feats[role] = [{"name": f.name, "type": f.type,
                                 **({"n_values": len(f.vocab)} if f.type in ("categorical", "list") else {})}
                                for f in fs]
+        serving = {**dataclasses.asdict(self.serving), "formula": self.formula}
+        for k in ("store", "onnx_path"):
+            serving[k] = Path(serving[k]).name if serving[k] else None
         return {
-            "model": self.cfg.model_name, "run_dir": str(self.run_dir) if self.run_dir else None,
-            "config": self.cfg.to_dict(), "serving": {**dataclasses.asdict(self.serving), "formula": self.formula},
-            "metrics": metrics, "features": feats,
+            "model": self.cfg.model_name, "run": self.run_dir.name if self.run_dir else None,
+            "config": _strip_paths(self.cfg.to_dict()), "serving": serving,
+            "metrics": _strip_paths(metrics), "features": feats,
             "schema": {"has_purchase": self.fmap.has_purchase, "max_history": self.encoder.L,
                        "max_query_tokens": self.cfg.data.max_query_tokens, "n_items": len(self.fmap.item_vocab),
                        "n_users": len(self.encoder.user_vocab), "user_key_type": self.fmap.user_key_type,
                        "item_key_type": self.fmap.item_key_type},
             "n_parameters": sum(p.numel() for p in self.model.parameters()),
         }
+
+
+def _strip_paths(v: Any) -> Any:
+    """Absolute paths in configs / results -> their last component (the server's layout stays private)."""
+    if isinstance(v, dict):
+        return {k: _strip_paths(x) for k, x in v.items()}
+    if isinstance(v, list | tuple):
+        return [_strip_paths(x) for x in v]
+    if isinstance(v, str) and (v.startswith("/") or (len(v) > 2 and v[1] == ":" and v[2] in "\\/")):
+        return Path(v).name
+    return v
