@@ -53,6 +53,8 @@ class ModelConfig:
     dropout: float = 0.1
     mlp: tuple[int, ...] = (128, 64)
     position_bias: bool = True     # shallow position tower, used in training only (see README)
+    cross: bool = True             # shared cross features (candidate x query / x history, query-item
+    #                                token overlap) in every neural model's head (README "Models")
 
 
 @dataclass

@@ -183,6 +183,9 @@ def test_user_gate_reaches_tokens(tiny_dataset, gate, changes):
 
 def test_gradients_reach_query_gate_and_embeddings(tiny_dataset):
     model, _ = make_model(tiny_dataset)
+    # the injection starts at zero, so q_proj (its only input) gets a gradient once it has moved
+    with torch.no_grad():
+        model.inject.weight.normal_(0, 0.02)
     model.train()
     b = first_batch(tiny_dataset)
     torch.manual_seed(0)
@@ -341,7 +344,7 @@ def test_tokenwise_static_part_ignores_the_query(tiny_dataset):
 def test_query_in_head_false_leaves_only_the_diffusion_path(tiny_dataset):
     b = first_batch(tiny_dataset)
     b2 = with_query(b, b)
-    off, _ = make_model(tiny_dataset, "model.query_in_head=false")
+    off, _ = make_model(tiny_dataset, "model.query_in_head=false", "model.cross=false")  # the cross carries q too
     # zero-initialised injection: the query has no path at all yet
     torch.testing.assert_close(eval_scores(off, b), eval_scores(off, b2))
     randomize_injection(off)

@@ -17,7 +17,7 @@ from torch import nn
 from qdrank.config import ModelConfig
 from qdrank.data.batch import Batch
 from qdrank.data.features import FeatureMap
-from qdrank.models.layers import FeatureEmbedder, PositionBias, TwoTaskHead
+from qdrank.models.layers import CrossFeatures, FeatureEmbedder, PositionBias, TwoTaskHead, masked_mean
 
 RequestState = dict[str, torch.Tensor]
 
@@ -30,10 +30,20 @@ class ModelOutput:
 
 
 class RankModel(nn.Module):
-    """Base ranker: owns the feature embedder, the position tower, the head and the loss.
+    """Base ranker: owns the feature embedder, the position tower, the cross features, the head and
+    the loss.
 
-    Subclasses set ``config_class`` and implement ``encode_request`` and ``score``; most build
-    the head input with :meth:`head_input` and call ``self.head``.
+    Subclasses set ``config_class``, implement :meth:`encode` (their request encoding) and, if they
+    have per-candidate vectors (target attention, a candidate token...), :meth:`candidate_vectors`,
+    and call :meth:`build_head` once in ``__init__``. The base class assembles every head input the
+    same way (README "Models")::
+
+        request part   [R]: [model's request vectors | query | user & context fields]
+        candidate part [N]: [candidate | model's candidate vectors | candidate * model's interest
+                             | CrossFeatures (model.cross)]
+
+    and scores with the head's first layer split between the two parts (:meth:`TwoTaskHead.forward_split`).
+    Public calls: :meth:`encode_request` (once per request) and :meth:`score` (all candidates).
     """
 
     config_class: type[ModelConfig] = ModelConfig
@@ -45,32 +55,158 @@ class RankModel(nn.Module):
         self.cfg = cfg
         self.emb = FeatureEmbedder(fmap, cfg.dim)
         self.position = PositionBias() if cfg.position_bias and fmap.has_position else None
+        self.cross_features = CrossFeatures(fmap, cfg.dim) if cfg.cross else None
+        self._item_cache: dict | None = None
 
     # ---- to implement --------------------------------------------------------------------
-    def encode_request(self, batch: Batch) -> RequestState:
+    def encode(self, batch: Batch) -> RequestState:
+        """The model's own request encoding. Keys the base class reads, all optional:
+
+        ``req`` [R, k * d]: the model's request vectors for the head (k = ``n_request_vectors``);
+        ``interest`` [R, d]: its request-level user state, crossed with the candidate
+        (``build_head(interest=True)``); ``tokens``: ``emb.history(batch)`` if the model computed
+        it (reused, not recomputed, for the cross features); ``aux_loss``.
+        """
         raise NotImplementedError
 
-    def score(self, state: RequestState, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        raise NotImplementedError
+    def candidate_vectors(self, state: RequestState, batch: Batch, c: torch.Tensor) -> list[torch.Tensor]:
+        """The model's own per-candidate vectors ([N, d] each; ``n_candidate_vectors`` of them)."""
+        return []
 
-    # ---- shared ---------------------------------------------------------------------------
-    def build_head(self, n_request_vectors: int, n_candidate_vectors: int) -> None:
-        """The CTR/CVR head over [request vectors, user & context fields, candidate vectors]."""
+    # ---- the head ---------------------------------------------------------------------------
+    def build_head(self, n_request_vectors: int = 0, n_candidate_vectors: int = 0, interest: bool = False,
+                   query: bool = True) -> None:
+        """The CTR/CVR head over the request and candidate parts (see the class docstring).
+
+        ``n_request_vectors`` / ``n_candidate_vectors`` count the model's own vectors only; the
+        query, the profile fields, the candidate and the cross features are added here. ``query``
+        False leaves the query vector out of the request part (an ablation switch: DiffusionGS's
+        ``query_in_head``); the cross features still carry the query unless ``model.cross`` is off.
+        """
         d = self.cfg.dim
         n_fields = self.emb.n_fields("user") + self.emb.n_fields("context")
-        self.head = TwoTaskHead(d * (n_request_vectors + n_fields + n_candidate_vectors), self.cfg.mlp,
-                                self.cfg.dropout)
+        self._interest = interest
+        self._query_in_head = query
+        self._n_request_vectors = n_request_vectors
+        req_w = d * (n_request_vectors + int(query) + n_fields)
+        cand_w = d * (1 + n_candidate_vectors + int(interest))
+        cross_w = self.cross_features.width if self.cross_features is not None else 0
+        self.head_widths = (req_w, cand_w, cross_w)
+        self.head = TwoTaskHead(req_w + cand_w + cross_w, self.cfg.mlp, self.cfg.dropout)
+
+    def head_layout(self) -> dict[str, slice]:
+        """Column ranges of :meth:`head_input`: ``request``, ``candidate`` and (model.cross) ``cross``."""
+        req_w, cand_w, cross_w = self.head_widths
+        out = {"request": slice(0, req_w), "candidate": slice(req_w, req_w + cand_w)}
+        if cross_w:
+            out["cross"] = slice(req_w + cand_w, req_w + cand_w + cross_w)
+        return out
 
     def profile(self, batch: Batch) -> torch.Tensor:
         """User-profile and context fields flattened: [R, (Fu + Fc) * d]."""
         f = torch.cat([self.emb.user(batch), self.emb.context(batch)], dim=-2)
         return f.flatten(-2)
 
-    def head_input(self, batch: Batch, request_vecs: list[torch.Tensor], cand_vecs: list[torch.Tensor]
-                   ) -> torch.Tensor:
-        """Gather request-level vectors to candidates and concatenate with candidate vectors."""
-        req = torch.cat(request_vecs, dim=-1)[batch.cand_req]
-        return torch.cat([req, *cand_vecs], dim=-1)
+    def encode_request(self, batch: Batch) -> RequestState:
+        """The model's :meth:`encode` plus the request inputs every head shares (``x_*`` keys)."""
+        state = self.encode(batch)
+        state["x_query"] = self.emb.query(batch)
+        state["x_profile"] = self.profile(batch)
+        if self.cross_features is not None:
+            tokens = state.get("tokens")
+            if tokens is None:
+                tokens = self.emb.history(batch)
+            state["x_hist"] = masked_mean(tokens, batch.hist_mask, 1)
+        return state
+
+    def head_parts(self, state: RequestState, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (request part [R, Dr], candidate part [N, Dc + cross]) of the head input."""
+        r = batch.cand_req
+        own = state.get("req")
+        parts = [] if own is None else [own]
+        if self._query_in_head:
+            parts.append(state["x_query"])
+        req = torch.cat([*parts, state["x_profile"]], -1)
+        if req.shape[-1] != self.head_widths[0]:
+            raise ValueError(f"{type(self).__name__}: request part has {req.shape[-1]} columns, the head "
+                             f"expects {self.head_widths[0]} (n_request_vectors={self._n_request_vectors})")
+        c = self.candidate(batch)
+        cand = [c, *self.candidate_vectors(state, batch, c)]
+        if self._interest:
+            cand.append(c * state["interest"][r])
+        if self.cross_features is not None:
+            cand.append(self.cross_features(c, state["x_query"][r], state["x_hist"][r], self.overlap(batch)))
+        return req, torch.cat(cand, -1)
+
+    def head_input(self, state: RequestState, batch: Batch) -> torch.Tensor:
+        """The concatenated head input [N, Dr + Dc] (reference form; :meth:`score` never builds it)."""
+        req, cand = self.head_parts(state, batch)
+        return torch.cat([req[batch.cand_req], cand], -1)
+
+    def score(self, state: RequestState, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ctr_logit [N], cvr_logit [N]) of every candidate against its request's ``state``."""
+        req, cand = self.head_parts(state, batch)
+        return self.head.forward_split(req, cand, batch.cand_req)
+
+    # ---- candidate side and its inference cache ----------------------------------------------
+    def candidate(self, batch: Batch) -> torch.Tensor:
+        """Candidate vectors [N, d] (= ``emb.candidate``); known items' part from the cache at inference."""
+        cache = self._cached_items()
+        if cache is None:
+            return self.emb.candidate(batch)
+        impression = self.emb.fields("candidate", batch.cand_sparse, batch.cand_dense).sum(-2)
+        return cache["vec"][batch.cand_item] + impression
+
+    def overlap(self, batch: Batch) -> torch.Tensor:
+        """Query-candidate token overlap [N, 4] (see :class:`CrossFeatures`)."""
+        cf = self.cross_features
+        assert cf is not None
+        cache = self._cached_items()
+        if cache is None:
+            text_i, side_i = cf.tokens("item", self.emb.item_sparse[batch.cand_item])
+        else:
+            text_i, side_i = cache["text"][batch.cand_item], cache["side"][batch.cand_item]
+        text_c, side_c = cf.tokens("candidate", batch.cand_sparse)
+        return cf.overlap(batch.query[batch.cand_req], torch.cat([text_i, text_c], -1), torch.cat([side_i, side_c], -1))
+
+    def train(self, mode: bool = True) -> RankModel:
+        self._item_cache = None
+        return super().train(mode)
+
+    def freeze_item_cache(self) -> None:
+        """Compute the candidate-side vectors (and cross-feature tokens) of every known item now.
+
+        Used at inference only (eval mode, no autograd): serving calls it once at load, so the first
+        request does not pay for it. The cache is also built lazily on the first such call, and it
+        is rebuilt whenever an embedding parameter or item table changes (their version counters)
+        and dropped by ``train()``.
+        """
+        with torch.no_grad():
+            self._item_cache = self._build_item_cache()
+
+    def _cache_key(self) -> tuple:
+        return tuple((t.data_ptr(), t._version) for t in (*self.emb.parameters(), *self.emb.buffers()))
+
+    def _build_item_cache(self, chunk: int = 65536) -> dict:
+        n = self.emb.item_sparse.shape[0]
+        dev = self.emb.item_sparse.device
+        rows = torch.arange(n, device=dev)
+        out = {"key": self._cache_key(), "vec": torch.cat([self.emb.item(rows[i:i + chunk]) for i in range(0, n, chunk)])}
+        if self.cross_features is not None:
+            out["text"], out["side"] = self.cross_features.tokens("item", self.emb.item_sparse)
+        return out
+
+    def _cached_items(self) -> dict | None:
+        """The item cache when it may be used: inference (eval, no grad) and still current."""
+        if self.training or torch.is_grad_enabled():
+            return None
+        cache = self._item_cache
+        if cache is not None and cache["key"] == self._cache_key():
+            return cache
+        if torch.jit.is_tracing():  # an export traces the direct lookup unless frozen beforehand
+            return None
+        self._item_cache = self._build_item_cache()
+        return self._item_cache
 
     def forward(self, batch: Batch, use_position: bool = True) -> ModelOutput:
         state = self.encode_request(batch)
@@ -100,3 +236,10 @@ class RankModel(nn.Module):
 
     def n_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    def n_dense_parameters(self) -> int:
+        """Trainable parameters outside the embedder's lookup tables: the model's own size, which
+        does not grow with the vocabularies (README "Models")."""
+        tables = {id(p) for m in self.emb.modules() if isinstance(m, nn.Embedding | nn.EmbeddingBag)
+                  for p in m.parameters()}
+        return sum(p.numel() for p in self.parameters() if p.requires_grad and id(p) not in tables)

@@ -1,12 +1,12 @@
 """DiffusionGS: query-conditioned DDPM denoising of the behaviour sequence (paper sec. 4).
 
-Pipeline (per request, all inside :meth:`DiffusionGS.encode_request`)::
+Pipeline (per request, all inside :meth:`DiffusionGS.encode`)::
 
     x0    = MLP(emb.history) + PosEmb(recency)                 eq. 1-2 (TimeEmb is in emb.history)
     x_t   = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps              eq. 3-4
     h     = UDL_1..UDL_L(x_t + StepEmb(t)), query injected mid   sec. 4.3-4.4
     s, d  = static_head(h), dynamic_head(h);  x0_hat = s + d
-    req   = [masked_mean(d), query, user/context fields]
+    u     = masked_mean(d): the interest (request vector, crossed with the candidate)
 
 Choices where the paper is ambiguous (README "DiffusionGS"):
 
@@ -30,7 +30,10 @@ Choices where the paper is ambiguous (README "DiffusionGS"):
   the sequence as keys/values; its [R, d] output is added (residually) to every token.
 * Diffusion step embedding: sinusoidal -> MLP, added to every valid input token.
 * Prediction (eq. 13 departs): ``sigmoid(mean_t d_t)`` cannot see the candidate, so the CTR/CVR
-  head gets [mean_t d_t, candidate, candidate * mean_t d_t, query, user/context fields].
+  head gets the interest ``mean_t d_t`` as the model's request vector and crossed with the
+  candidate; the query, the user/context fields, the candidate and the shared cross features
+  (candidate x query among them) come from :class:`~qdrank.models.base.RankModel` like in every
+  other model.
 * KL (eq. 12): ``KL(softmax((s+d)/tau) || softmax(x0/tau))`` per valid token, averaged; x0 is
   detached in the target (a reconstruction target, so the KL cannot be lowered by collapsing the
   input tokens; x0 is still trained through the prediction path). Training only.
@@ -228,7 +231,7 @@ class DiffusionGS(RankModel):
         # tensor and every history length reads the same rows (recency is capped at max_positions - 1).
         self.register_buffer("infer_noise_table", fixed_noise(cfg.max_positions, d, INFER_NOISE_SEED))
         self.rebuildable_state = ("infer_noise_table",)  # runs saved before it was stored: rebuilt from the seed
-        self.build_head(n_request_vectors=2 if cfg.query_in_head else 1, n_candidate_vectors=2)
+        self.build_head(n_request_vectors=1, interest=True, query=cfg.query_in_head)
 
     # ---- pieces -------------------------------------------------------------------------------
     def _gate_fields(self, fmap: FeatureMap) -> list[int]:
@@ -340,13 +343,11 @@ class DiffusionGS(RankModel):
         return x0, x0_hat, d, mask
 
     # ---- RankModel ----------------------------------------------------------------------------
-    def encode_request(self, batch: Batch) -> RequestState:
-        fields = torch.cat([self.emb.user(batch), self.emb.context(batch)], dim=-2)
+    def encode(self, batch: Batch) -> RequestState:
         q = self.q_proj(self.emb.query(batch))
-        x0, x0_hat, d, mask = self.run_diffusion(batch, q, self.gate_input(batch, fields))
+        x0, x0_hat, d, mask = self.run_diffusion(batch, q, self.gate_input(batch))
         interest = masked_mean(d, mask, 1)
-        req = [interest, q, fields.flatten(-2)] if self.cfg.query_in_head else [interest, fields.flatten(-2)]
-        state = {"req": torch.cat(req, -1), "interest": interest}
+        state = {"req": interest, "interest": interest}
         if self.training:
             aux = []
             if self.cfg.kl_weight > 0:
@@ -356,11 +357,6 @@ class DiffusionGS(RankModel):
             if aux:
                 state["aux_loss"] = torch.stack(aux).sum()
         return state
-
-    def score(self, state: RequestState, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        c = self.emb.candidate(batch)
-        x = self.head_input(batch, [state["req"]], [c, c * state["interest"][batch.cand_req]])
-        return self.head(x)
 
     @torch.no_grad()
     def reconstruction(self, batch: Batch) -> dict[str, float]:

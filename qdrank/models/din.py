@@ -1,4 +1,8 @@
-"""DIN (Zhou et al., KDD 2018): the candidate attends over the behaviour history."""
+"""DIN (Zhou et al., KDD 2018): the candidate attends over the behaviour history.
+
+The model's own part is the attention-pooled interest per candidate; the query, the profile, the
+candidate and the shared cross features come from :class:`~qdrank.models.base.RankModel`.
+"""
 
 from __future__ import annotations
 
@@ -24,16 +28,11 @@ class DIN(RankModel):
     def __init__(self, fmap: FeatureMap, cfg: DINConfig):
         super().__init__(fmap, cfg)
         self.attention = TargetAttention(cfg.dim, cfg.attention_hidden)
-        self.build_head(n_request_vectors=1, n_candidate_vectors=3)
+        self.build_head(n_candidate_vectors=1)
 
-    def encode_request(self, batch: Batch) -> RequestState:
-        q = self.emb.query(batch)
-        return {"req": torch.cat([q, self.profile(batch)], -1), "hist": self.emb.history(batch),
-                "mask": batch.hist_mask, "query": q}
+    def encode(self, batch: Batch) -> RequestState:
+        return {"tokens": self.emb.history(batch)}
 
-    def score(self, state: RequestState, batch: Batch):
-        c = self.emb.candidate(batch)
+    def candidate_vectors(self, state: RequestState, batch: Batch, c: torch.Tensor) -> list[torch.Tensor]:
         r = batch.cand_req
-        interest = self.attention(c, state["hist"][r], state["mask"][r])
-        x = self.head_input(batch, [state["req"]], [c, interest, c * state["query"][r]])
-        return self.head(x)
+        return [self.attention(c, state["tokens"][r], batch.hist_mask[r])]

@@ -1,8 +1,11 @@
-"""DNN baseline: mean-pooled history, query, user and context, candidate; an MLP on top."""
+"""DNN baseline: mean-pooled history, query, user and context, candidate; an MLP on top.
+
+The model's own part is the mean-pooled history as a request vector; the query, the profile, the
+candidate and the shared cross features (candidate x query, candidate x pooled history, query-item
+overlap) come from :class:`~qdrank.models.base.RankModel`.
+"""
 
 from __future__ import annotations
-
-import torch
 
 from qdrank.data.batch import Batch
 from qdrank.data.features import FeatureMap
@@ -13,15 +16,8 @@ from qdrank.models.layers import masked_mean
 class DNN(RankModel):
     def __init__(self, fmap: FeatureMap, cfg):
         super().__init__(fmap, cfg)
-        self.build_head(n_request_vectors=2, n_candidate_vectors=3)
+        self.build_head(n_request_vectors=1)
 
-    def encode_request(self, batch: Batch) -> RequestState:
-        hist = masked_mean(self.emb.history(batch), batch.hist_mask, 1)
-        q = self.emb.query(batch)
-        return {"req": torch.cat([hist, q, self.profile(batch)], -1), "hist": hist, "query": q}
-
-    def score(self, state: RequestState, batch: Batch):
-        c = self.emb.candidate(batch)
-        x = self.head_input(batch, [state["req"]], [c, c * state["query"][batch.cand_req],
-                                                     c * state["hist"][batch.cand_req]])
-        return self.head(x)
+    def encode(self, batch: Batch) -> RequestState:
+        tokens = self.emb.history(batch)
+        return {"req": masked_mean(tokens, batch.hist_mask, 1), "tokens": tokens}

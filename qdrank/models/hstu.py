@@ -9,8 +9,9 @@ candidates never see each other (see :mod:`qdrank.models.hstu_layers`).
 
 The query enters by being added (through a learned projection) to the candidate token: the
 history encoding stays query-independent and an empty query (zero vector) adds nothing. The
-candidate's final representation, the raw candidate, candidate * query, the query and the user /
-context profile feed the CTR/CVR head.
+candidate's final representation is the model's candidate vector in the CTR/CVR head; the query,
+the profile, the candidate and the shared cross features come from
+:class:`~qdrank.models.base.RankModel`.
 """
 
 from __future__ import annotations
@@ -48,21 +49,17 @@ class HSTU(RankModel):
         super().__init__(fmap, cfg)
         self.stack = stack_from_config(fmap, cfg)
         self.query_proj = nn.Linear(cfg.dim, cfg.dim, bias=False)
-        self.build_head(n_request_vectors=1, n_candidate_vectors=3)
+        self.build_head(n_candidate_vectors=1)
 
-    def encode_request(self, batch: Batch) -> RequestState:
-        q = self.emb.query(batch)
+    def encode(self, batch: Batch) -> RequestState:
         h = self.emb.history(batch)
         R, L = batch.hist_item.shape
         pos = torch.arange(L, device=h.device).expand(R, L)
         valid = batch.hist_mask
         cache = self.stack.encode(h, pos, batch.hist_time, torch.zeros_like(valid), valid, 0,
                                   valid.sum(-1) + 1)
-        return {**cache, "req": torch.cat([q, self.profile(batch)], -1), "query": q}
+        return {**cache, "tokens": h, "query": self.emb.query(batch)}
 
-    def score(self, state: RequestState, batch: Batch):
+    def candidate_vectors(self, state: RequestState, batch: Batch, c: torch.Tensor) -> list[torch.Tensor]:
         r = batch.cand_req
-        c = self.emb.candidate(batch)
-        q = state["query"][r]
-        h = self.stack.candidates(state, c + self.query_proj(q), r)
-        return self.head(self.head_input(batch, [state["req"]], [h, c, c * q]))
+        return [self.stack.candidates(state, c + self.query_proj(state["query"])[r], r)]

@@ -1,11 +1,14 @@
-"""Layers shared by every model: feature embedding, MLPs, target attention, the CTR/CVR head.
+"""Layers shared by every model: feature embedding, MLPs, target attention, the cross features,
+the CTR/CVR head.
 
 Written once here so model files hold only what makes each model different.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from qdrank.data.batch import MAX_POSITION, Batch
@@ -136,6 +139,88 @@ class TargetAttention(nn.Module):
         return (w.unsqueeze(-1) * keys).sum(1)
 
 
+#: hashed words/bigrams kept per categorical side value (``CrossFeatures``)
+SIDE_VALUE_TOKENS = 4
+#: categorical features with more values than this (ids, not names) are not tokenised
+MAX_SIDE_VOCAB = 100_000
+
+
+class CrossFeatures(nn.Module):
+    """The cross features of a candidate and its request, the same for every neural model.
+
+    Per candidate, ``width = 2 * dim + 4`` columns::
+
+        [ c * q,  c * h,  text share, text any, side share, side any ]
+
+    ``c`` is the candidate vector, ``q`` the request's query vector, ``h`` the masked mean of its
+    history tokens. The overlap columns compare the request's hashed query tokens with the
+    candidate's own tokens: *text* = its text features (item and impression roles), already in the
+    query's hashed token space; *side* = the words of its categorical side values (category,
+    brand...), hashed into that space here once from the feature map's vocabularies. *share* is
+    the fraction of the query's tokens found, *any* whether one is (both 0 for an empty query).
+    The item id and features with more than ``MAX_SIDE_VOCAB`` values are not tokenised.
+    """
+
+    N_OVERLAP = 4
+    ROLES = ("item", "candidate")
+
+    def __init__(self, fmap: FeatureMap, dim: int):
+        super().__init__()
+        self.width = 2 * dim + self.N_OVERLAP
+        tables = [np.zeros((1, SIDE_VALUE_TOKENS), dtype=np.int64)]     # row 0: missing value
+        n_rows = 1
+        for role in self.ROLES:
+            text, side, shift = [], [], []
+            for f, start, width in fmap.slot_layout(role):
+                slots = list(range(start, start + width))
+                if f.type == "text":
+                    text += slots
+                elif f.type in ("categorical", "list") and f.name != "item_id" and len(f.vocab) <= MAX_SIDE_VOCAB:
+                    # rows: the feature's OOV id (no tokens), then one row per vocabulary value
+                    tables.append(np.zeros((1, SIDE_VALUE_TOKENS), dtype=np.int64))
+                    if f.vocab:
+                        tables.append(fmap.encode_text(f.vocab, SIDE_VALUE_TOKENS))
+                    side += slots
+                    shift += [n_rows - f.offset] * width
+                    n_rows += 1 + len(f.vocab)
+            self.register_buffer(f"{role}_text_slots", torch.tensor(text, dtype=torch.long), persistent=False)
+            self.register_buffer(f"{role}_side_slots", torch.tensor(side, dtype=torch.long), persistent=False)
+            self.register_buffer(f"{role}_side_shift", torch.tensor(shift, dtype=torch.long), persistent=False)
+        self.register_buffer("side_tokens", torch.from_numpy(np.concatenate(tables)), persistent=False)
+
+    def tokens(self, role: str, sparse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A role's sparse ids [..., S] -> (text token ids [..., Tt], side-value token ids [..., Ts]), 0 = none."""
+        text = sparse[..., getattr(self, f"{role}_text_slots")]
+        ids = sparse[..., getattr(self, f"{role}_side_slots")]
+        rows = torch.where(ids > 0, ids + getattr(self, f"{role}_side_shift"), torch.zeros_like(ids))
+        return text, self.side_tokens[rows].flatten(-2)
+
+    @staticmethod
+    def overlap(query: torch.Tensor, text: torch.Tensor, side: torch.Tensor) -> torch.Tensor:
+        """Query tokens [N, Q] vs the candidate's text [N, Tt] and side [N, Ts] tokens -> [N, 4] floats."""
+        valid = query > 0
+        n = valid.sum(-1).clamp_min(1).float()
+        cols = []
+        for toks in (text, side):
+            hit = ((query.unsqueeze(-1) == toks.unsqueeze(-2)) & (toks > 0).unsqueeze(-2)).any(-1) & valid
+            cols += [hit.sum(-1).float() / n, hit.any(-1).float()]
+        return torch.stack(cols, -1)
+
+    def forward(self, c: torch.Tensor, q: torch.Tensor, h: torch.Tensor, overlap: torch.Tensor) -> torch.Tensor:
+        """c, q, h [N, d] (q and h already gathered to candidates), overlap [N, 4] -> [N, width]."""
+        return torch.cat([c * q, c * h, overlap.to(c.dtype)], -1)
+
+
+def split_linear(layer: nn.Linear, req: torch.Tensor, cand: torch.Tensor, cand_req: torch.Tensor) -> torch.Tensor:
+    """``layer(cat([req[cand_req], cand], -1))`` with the request share computed once per request.
+
+    req [R, Dr] -> [R, h] once, gathered to candidates; cand [N, Dc] -> [N, h]; summed.
+    """
+    k = req.shape[-1]
+    w = layer.weight
+    return F.linear(req, w[:, :k], layer.bias)[cand_req] + F.linear(cand, w[:, k:])
+
+
 class TwoTaskHead(nn.Module):
     """Shared MLP trunk, then a CTR logit and a CVR logit."""
 
@@ -146,7 +231,21 @@ class TwoTaskHead(nn.Module):
         self.cvr = nn.Linear(self.trunk.out_dim, 1)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The reference (concatenated) form: x [N, Dr + Dc]."""
         h = self.trunk(x)
+        return self.ctr(h).squeeze(-1), self.cvr(h).squeeze(-1)
+
+    def forward_split(self, req: torch.Tensor, cand: torch.Tensor, cand_req: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Equal to ``forward(cat([req[cand_req], cand], -1))``; the first layer's request share is
+        computed once per request (req [R, Dr]) and only the candidate share per candidate."""
+        layers = list(self.trunk)
+        if not layers:  # no hidden layer: the logits themselves are the first layer
+            return (split_linear(self.ctr, req, cand, cand_req).squeeze(-1),
+                    split_linear(self.cvr, req, cand, cand_req).squeeze(-1))
+        h = split_linear(layers[0], req, cand, cand_req)
+        for m in layers[1:]:
+            h = m(h)
         return self.ctr(h).squeeze(-1), self.cvr(h).squeeze(-1)
 
 

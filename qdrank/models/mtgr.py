@@ -10,9 +10,10 @@ feature groups::
 * Dynamic mask: user/context tokens attend to each other and are visible to all tokens; history is
   causal; the candidate sees everything before it and itself, never another candidate. The request
   part is encoded once and its keys/values cached; candidates are scored as appended tokens.
-* DLRM-style cross features, kept as in MTGR: candidate * query, candidate * mean user field, and a
-  query / item-text match (share of the query's hashed words/bigrams found in the candidate's text
-  features, and whether any is) are folded into the candidate token and fed to the head.
+* MTGR's DLRM-style cross features are not kept as a private input: every neural model's head gets
+  the same shared cross features (candidate x query, candidate x pooled history, query-item token
+  overlap; :class:`~qdrank.models.layers.CrossFeatures`, ``model.cross``). The candidate token is
+  the plain candidate vector; its final representation is the model's candidate vector in the head.
 * Static tokens carry a learned field embedding (they have no position); the query token is the
   mean query embedding (zero for an empty query) plus its field embedding.
 """
@@ -30,7 +31,6 @@ from qdrank.models.base import RankModel, RequestState
 from qdrank.models.hstu import HSTUConfig, stack_from_config
 
 USER, CONTEXT, HISTORY, CANDIDATE = range(4)
-N_MATCH = 2
 
 
 @dataclass
@@ -49,27 +49,9 @@ class MTGR(RankModel):
         self.field_emb = nn.Parameter(torch.randn(n_user + n_ctx + 1, d) * 0.02)
         self.register_buffer("static_group", torch.tensor([USER] * n_user + [CONTEXT] * (n_ctx + 1)),
                              persistent=False)
-        self.register_buffer("item_text_slots", self._text_slots(fmap, "item"), persistent=False)
-        self.register_buffer("cand_text_slots", self._text_slots(fmap, "candidate"), persistent=False)
-        self.cross = nn.Linear(2 * d + N_MATCH, d)
-        self.match_proj = nn.Linear(N_MATCH, d)
-        self.build_head(n_request_vectors=1, n_candidate_vectors=5)
+        self.build_head(n_candidate_vectors=1)
 
-    @staticmethod
-    def _text_slots(fmap: FeatureMap, role: str) -> torch.Tensor:
-        slots = [s for f, start, w in fmap.slot_layout(role) if f.type == "text" for s in range(start, start + w)]
-        return torch.tensor(slots, dtype=torch.long)
-
-    def text_match(self, batch: Batch) -> torch.Tensor:
-        """[N, 2]: share of the query's hashed tokens found in the candidate's text features, any match."""
-        text = torch.cat([self.emb.item_sparse[batch.cand_item][:, self.item_text_slots],
-                          batch.cand_sparse[:, self.cand_text_slots]], -1)           # [N, T]
-        q = batch.query[batch.cand_req]                                             # [N, Q]
-        hit = ((q.unsqueeze(-1) == text.unsqueeze(-2)) & (text > 0).unsqueeze(-2)).any(-1) & (q > 0)
-        share = hit.sum(-1).float() / (q > 0).sum(-1).clamp_min(1).float()
-        return torch.stack([share, hit.any(-1).float()], -1)
-
-    def encode_request(self, batch: Batch) -> RequestState:
+    def encode(self, batch: Batch) -> RequestState:
         user, ctx, q = self.emb.user(batch), self.emb.context(batch), self.emb.query(batch)
         static = torch.cat([user, ctx, q.unsqueeze(-2)], -2) + self.field_emb      # [R, S, d]
         hist = self.emb.history(batch)                                              # [R, L, d]
@@ -82,13 +64,7 @@ class MTGR(RankModel):
         valid = is_static | torch.cat([batch.hist_mask.new_zeros(R, S), batch.hist_mask], -1)
         group = torch.cat([self.static_group, torch.full((L,), HISTORY, dtype=torch.long, device=dev)])
         cache = self.stack.encode(x, pos, time, is_static, valid, group, valid.sum(-1) + 1)
-        user_mean = user.mean(-2) if user.shape[-2] else q.new_zeros(q.shape)
-        return {**cache, "req": torch.cat([q, self.profile(batch)], -1), "query": q, "user": user_mean}
+        return {**cache, "tokens": hist}
 
-    def score(self, state: RequestState, batch: Batch):
-        r = batch.cand_req
-        c = self.emb.candidate(batch)
-        cq, cu = c * state["query"][r], c * state["user"][r]
-        match = self.text_match(batch)
-        h = self.stack.candidates(state, c + self.cross(torch.cat([cq, cu, match], -1)), r, CANDIDATE)
-        return self.head(self.head_input(batch, [state["req"]], [h, c, cq, cu, self.match_proj(match)]))
+    def candidate_vectors(self, state: RequestState, batch: Batch, c: torch.Tensor) -> list[torch.Tensor]:
+        return [self.stack.candidates(state, c, batch.cand_req, CANDIDATE)]

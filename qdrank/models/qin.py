@@ -25,8 +25,9 @@ behaviour tokens, which already sum item ID, attributes, the engagement action, 
 query and its time gap, so engagement still shapes the attention. Without query text the query
 vector is zero, every relevance is 0 and the RSU falls back to the most recent behaviours.
 
-Head: [query, query-branch interest, profile] per request; [candidate, target interest,
-candidate * query, candidate * query-branch interest] per candidate.
+Head: the query-branch interest is the model's request vector and interest (crossed with the
+candidate), the target interest its candidate vector; the query, the profile, the candidate and
+the shared cross features come from :class:`~qdrank.models.base.RankModel`.
 """
 
 from __future__ import annotations
@@ -66,9 +67,9 @@ class QIN(RankModel):
         self.rel_scale = nn.Parameter(torch.ones(2))   # query / target relevance -> attention logits
         self.query_attn = MultiHeadTargetAttention(d, cfg.heads, cfg.dropout)
         self.target_attn = MultiHeadTargetAttention(d, cfg.heads, cfg.dropout)
-        self.build_head(n_request_vectors=2, n_candidate_vectors=4)
+        self.build_head(n_request_vectors=1, n_candidate_vectors=1, interest=True)
 
-    def encode_request(self, batch: Batch) -> RequestState:
+    def encode(self, batch: Batch) -> RequestState:
         hist = self.emb.history(batch)
         mask = batch.hist_mask
         q = self.emb.query(batch)
@@ -79,8 +80,8 @@ class QIN(RankModel):
         sub = gather_tokens(hist, None, idx)                              # [R, Kq, d]
         sub_rel = rel_q.gather(1, idx)
         u_q = self.query_attn(q, sub, keep, self.rel_scale[0] * sub_rel)
-        return {"req": torch.cat([q, u_q, self.profile(batch)], -1), "query": q, "u_q": u_q,
-                "sub": sub, "sub_keep": keep, "sub_rel": sub_rel, "sub_proj": gather_tokens(hp, None, idx)}
+        return {"req": u_q, "interest": u_q, "tokens": hist, "sub": sub, "sub_keep": keep, "sub_rel": sub_rel,
+                "sub_proj": gather_tokens(hp, None, idx)}
 
     def target_select(self, state: RequestState, batch: Batch, c: torch.Tensor):
         """RSU stage 2 -> (idx into the query sub-sequence [N, Kt], keep [N, Kt], bias [N, Kt])."""
@@ -93,11 +94,7 @@ class QIN(RankModel):
         bias = self.rel_scale[0] * state["sub_rel"][r].gather(1, idx) + self.rel_scale[1] * rel_t.gather(1, idx)
         return idx, keep, bias
 
-    def score(self, state: RequestState, batch: Batch):
-        c = self.emb.candidate(batch)
-        r = batch.cand_req
+    def candidate_vectors(self, state: RequestState, batch: Batch, c: torch.Tensor) -> list[torch.Tensor]:
         idx, keep, bias = self.target_select(state, batch, c)
-        keys = gather_tokens(state["sub"], r, idx)
-        u_t = self.target_attn(c, keys, keep, bias)
-        x = self.head_input(batch, [state["req"]], [c, u_t, c * state["query"][r], c * state["u_q"][r]])
-        return self.head(x)
+        keys = gather_tokens(state["sub"], batch.cand_req, idx)
+        return [self.target_attn(c, keys, keep, bias)]

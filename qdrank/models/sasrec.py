@@ -10,8 +10,9 @@ sits at the same (last) position. Our histories are left-aligned with variable l
 position id is counted back from the most recent behaviour (0 = most recent), which gives the
 same meaning; behaviours older than ``max_len`` share the last position embedding.
 
-Ranking head (target-aware, as in search ranking): [user state, query, profile] per request,
-[candidate, candidate * user state] per candidate.
+Ranking head (target-aware, as in search ranking): the user state is the model's request vector
+and its interest (crossed with the candidate); the query, the profile, the candidate and the shared
+cross features come from :class:`~qdrank.models.base.RankModel`.
 """
 
 from __future__ import annotations
@@ -47,10 +48,11 @@ class SASRec(RankModel):
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(TransformerBlock(d, cfg.heads, cfg.dropout) for _ in range(cfg.layers))
         self.ln = nn.LayerNorm(d)
-        self.build_head(n_request_vectors=2, n_candidate_vectors=2)
+        self.build_head(n_request_vectors=1, interest=True)
 
-    def user_state(self, batch: Batch) -> torch.Tensor:
-        """[R, d]: the sequence output at the last valid position (zero for an empty history)."""
+    def user_state(self, batch: Batch, tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """[R, d]: the sequence output at the last valid position (zero for an empty history).
+        ``tokens``: ``emb.history(batch)`` when already computed."""
         valid = batch.hist_mask
         L = valid.shape[1]
         length = batch.hist_len.clamp(0, L)
@@ -59,7 +61,9 @@ class SASRec(RankModel):
         ar = torch.arange(L, device=valid.device)
         pos = (length.unsqueeze(1) - 1 - ar).clamp(0, self.max_len - 1)
         m = valid.unsqueeze(-1).to(self.pos.weight.dtype)
-        x = self.drop((self.emb.history(batch) + self.pos(pos)) * m)
+        if tokens is None:
+            tokens = self.emb.history(batch)
+        x = self.drop((tokens + self.pos(pos)) * m)
         mask = causal_mask(valid)
         for blk in self.blocks:
             x = blk(x, mask) * m
@@ -68,12 +72,7 @@ class SASRec(RankModel):
         state = x[torch.arange(x.shape[0], device=x.device), last]
         return state * (length > 0).unsqueeze(-1).to(state.dtype)
 
-    def encode_request(self, batch: Batch) -> RequestState:
-        u = self.user_state(batch)
-        q = self.emb.query(batch)
-        return {"req": torch.cat([u, q, self.profile(batch)], -1), "user": u}
-
-    def score(self, state: RequestState, batch: Batch):
-        c = self.emb.candidate(batch)
-        x = self.head_input(batch, [state["req"]], [c, c * state["user"][batch.cand_req]])
-        return self.head(x)
+    def encode(self, batch: Batch) -> RequestState:
+        tokens = self.emb.history(batch)
+        u = self.user_state(batch, tokens)
+        return {"req": u, "interest": u, "tokens": tokens}

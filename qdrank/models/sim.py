@@ -22,8 +22,9 @@ Two cascaded stages per candidate:
 Like the paper's deployed model, a short-term interest (mean of the last ``short_len`` behaviours,
 0 disables it) is fed to the head beside the long-term one.
 
-Head: [query, short-term interest, profile] per request; [candidate, ESU interest,
-candidate * query] per candidate.
+Head: the short-term interest is the model's request vector and interest (crossed with the
+candidate), the ESU interest its candidate vector; the query, the profile, the candidate and the
+shared cross features come from :class:`~qdrank.models.base.RankModel`.
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ class SIM(RankModel):
             self.gsu_beh = nn.Linear(d, d)
             self.aux_head = MLP(3 * d, (d,), out_dim=1)
         self.esu = MultiHeadTargetAttention(d, cfg.heads, cfg.dropout)
-        self.build_head(n_request_vectors=2, n_candidate_vectors=3)
+        self.build_head(n_request_vectors=1, n_candidate_vectors=1, interest=True)
 
     @staticmethod
     def _category_slots(fmap: FeatureMap) -> slice:
@@ -114,36 +115,33 @@ class SIM(RankModel):
         return idx, keep, scores
 
     # ---- model --------------------------------------------------------------------------------
-    def encode_request(self, batch: Batch) -> RequestState:
-        hist = self.emb.history(batch)
+    def encode(self, batch: Batch) -> RequestState:
+        tokens = self.emb.history(batch)
         mask = batch.hist_mask
-        q = self.emb.query(batch)
         if self.cfg.short_len > 0:
-            short = masked_mean(hist, last_positions(batch.hist_len, mask.shape[1], self.cfg.short_len), 1)
+            short = masked_mean(tokens, last_positions(batch.hist_len, mask.shape[1], self.cfg.short_len), 1)
         else:
-            short = torch.zeros_like(q)
-        st = {"req": torch.cat([q, short, self.profile(batch)], -1), "hist": hist, "mask": mask, "query": q}
+            short = tokens.new_zeros(tokens.shape[0], tokens.shape[-1])
+        st = {"req": short, "interest": short, "tokens": tokens, "mask": mask}
         if self.gsu == "hard":
             st["cat"] = self.emb.item_sparse[batch.hist_item][..., self.cat_slots]
         else:
-            st["gsu_keys"] = self.gsu_beh(hist)
+            st["gsu_keys"] = self.gsu_beh(tokens)
         return st
 
-    def score(self, state: RequestState, batch: Batch):
-        c = self.emb.candidate(batch)
+    def candidate_vectors(self, state: RequestState, batch: Batch, c: torch.Tensor) -> list[torch.Tensor]:
         r = batch.cand_req
         idx, keep, scores = self.select(state, batch, c)
-        keys = gather_tokens(state["hist"], r, idx)
+        keys = gather_tokens(state["tokens"], r, idx)
         interest = self.esu(c, keys, keep)
         if self.gsu == "soft" and self.training and self.cfg.aux_weight > 0:
             state["aux_loss"] = self.cfg.aux_weight * self._aux_loss(state, batch, c, scores)
-        x = self.head_input(batch, [state["req"]], [c, interest, c * state["query"][r]])
-        return self.head(x)
+        return [interest]
 
     def _aux_loss(self, state: RequestState, batch: Batch, c: torch.Tensor, scores: torch.Tensor):
         """Soft GSU training signal: CTR from the GSU-score weighted sum of the whole history."""
         r = batch.cand_req
         w = masked_softmax(scores, state["mask"][r])
-        u = torch.bmm(w.unsqueeze(1), state["hist"][r]).squeeze(1)
+        u = torch.bmm(w.unsqueeze(1), state["tokens"][r]).squeeze(1)
         logit = self.aux_head(torch.cat([u, c, u * c], -1)).squeeze(-1)
         return F.binary_cross_entropy_with_logits(logit, batch.click)
