@@ -166,8 +166,10 @@ class RankModel(nn.Module):
             text_i, side_i = cf.tokens("item", self.emb.item_sparse[batch.cand_item])
         else:
             text_i, side_i = cache["text"][batch.cand_item], cache["side"][batch.cand_item]
-        text_c, side_c = cf.tokens("candidate", batch.cand_sparse)
-        return cf.overlap(batch.query[batch.cand_req], torch.cat([text_i, text_c], -1), torch.cat([side_i, side_c], -1))
+        if cf.has_tokens["candidate"]:
+            text_c, side_c = cf.tokens("candidate", batch.cand_sparse)
+            text_i, side_i = torch.cat([text_i, text_c], -1), torch.cat([side_i, side_c], -1)
+        return cf.overlap(batch.query[batch.cand_req], text_i, side_i)
 
     def train(self, mode: bool = True) -> RankModel:
         self._item_cache = None

@@ -254,12 +254,12 @@ class DiffusionGS(RankModel):
             return fields.new_ones(fields.shape[0], 1)
         return fields[:, self._gate_index].flatten(1)
 
-    def tokens(self, b: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """-> (x0 [R, L, d], mask [R, L], recency index [R, L])."""
+    def tokens(self, b: Batch, raw: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """-> (x0 [R, L, d], mask [R, L], recency index [R, L]); ``raw`` = ``emb.history(b)`` if computed."""
         mask = b.hist_mask
         n = mask.sum(1, keepdim=True)
         rec = (n - 1 - torch.arange(mask.shape[1], device=mask.device)[None]).clamp(0, self.cfg.max_positions - 1)
-        x0 = self.token_mlp(self.emb.history(b)) + self.pos(rec)
+        x0 = self.token_mlp(self.emb.history(b) if raw is None else raw) + self.pos(rec)
         if self.cfg.token_norm == "rms":
             x0 = x0 * torch.rsqrt(x0.pow(2).mean(-1, keepdim=True) + 1e-6)
         return x0 * mask.unsqueeze(-1).to(x0.dtype), mask, rec
@@ -308,12 +308,12 @@ class DiffusionGS(RankModel):
             out = self.denoise(x, step, q, gate_in, mask)
         return out
 
-    def run_diffusion(self, b: Batch, q: torch.Tensor, gate_in: torch.Tensor
+    def run_diffusion(self, b: Batch, q: torch.Tensor, gate_in: torch.Tensor, raw: torch.Tensor | None = None
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """-> (x0, x0_hat, d tokens, mask). Training: a chain from a random step; eval: reverse chain.
 
         In training the denoising loss (``denoise_loss``) is stored in ``self._denoise_loss``."""
-        x0, mask, rec = self.tokens(b)
+        x0, mask, rec = self.tokens(b, raw)
         m = mask.unsqueeze(-1).to(x0.dtype)
         R = x0.shape[0]
         sch = self.schedule
@@ -345,9 +345,10 @@ class DiffusionGS(RankModel):
     # ---- RankModel ----------------------------------------------------------------------------
     def encode(self, batch: Batch) -> RequestState:
         q = self.q_proj(self.emb.query(batch))
-        x0, x0_hat, d, mask = self.run_diffusion(batch, q, self.gate_input(batch))
+        raw = self.emb.history(batch)
+        x0, x0_hat, d, mask = self.run_diffusion(batch, q, self.gate_input(batch), raw)
         interest = masked_mean(d, mask, 1)
-        state = {"req": interest, "interest": interest}
+        state = {"req": interest, "interest": interest, "tokens": raw}
         if self.training:
             aux = []
             if self.cfg.kl_weight > 0:

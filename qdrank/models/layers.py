@@ -169,6 +169,7 @@ class CrossFeatures(nn.Module):
         self.width = 2 * dim + self.N_OVERLAP
         tables = [np.zeros((1, SIDE_VALUE_TOKENS), dtype=np.int64)]     # row 0: missing value
         n_rows = 1
+        self.has_tokens: dict[str, bool] = {}
         for role in self.ROLES:
             text, side, shift = [], [], []
             for f, start, width in fmap.slot_layout(role):
@@ -183,6 +184,7 @@ class CrossFeatures(nn.Module):
                     side += slots
                     shift += [n_rows - f.offset] * width
                     n_rows += 1 + len(f.vocab)
+            self.has_tokens[role] = bool(text or side)
             self.register_buffer(f"{role}_text_slots", torch.tensor(text, dtype=torch.long), persistent=False)
             self.register_buffer(f"{role}_side_slots", torch.tensor(side, dtype=torch.long), persistent=False)
             self.register_buffer(f"{role}_side_shift", torch.tensor(shift, dtype=torch.long), persistent=False)
@@ -197,14 +199,14 @@ class CrossFeatures(nn.Module):
 
     @staticmethod
     def overlap(query: torch.Tensor, text: torch.Tensor, side: torch.Tensor) -> torch.Tensor:
-        """Query tokens [N, Q] vs the candidate's text [N, Tt] and side [N, Ts] tokens -> [N, 4] floats."""
-        valid = query > 0
-        n = valid.sum(-1).clamp_min(1).float()
-        cols = []
-        for toks in (text, side):
-            hit = ((query.unsqueeze(-1) == toks.unsqueeze(-2)) & (toks > 0).unsqueeze(-2)).any(-1) & valid
-            cols += [hit.sum(-1).float() / n, hit.any(-1).float()]
-        return torch.stack(cols, -1)
+        """Query tokens [N, Q] vs the candidate's text [N, Tt] and side [N, Ts] tokens -> [N, 4] floats
+        (text share, text any, side share, side any)."""
+        valid = query > 0                                       # padding (0) never counts as a match
+        eq = query.unsqueeze(-1) == torch.cat([text, side], -1).unsqueeze(-2)       # [N, Q, Tt + Ts]
+        t = text.shape[-1]
+        hit = torch.stack([eq[..., :t].any(-1), eq[..., t:].any(-1)], 1) & valid.unsqueeze(1)  # [N, 2, Q]
+        share = hit.sum(-1) / valid.sum(-1, keepdim=True).clamp_min(1)
+        return torch.stack([share, hit.any(-1)], -1).flatten(1).float()
 
     def forward(self, c: torch.Tensor, q: torch.Tensor, h: torch.Tensor, overlap: torch.Tensor) -> torch.Tensor:
         """c, q, h [N, d] (q and h already gathered to candidates), overlap [N, 4] -> [N, width]."""
