@@ -216,3 +216,22 @@ def test_dense_parameters_do_not_grow_with_vocabularies(tiny_data):
         counts.append((m.n_parameters(), m.n_dense_parameters()))
     (all1, dense1), (all2, dense2) = counts
     assert all2 - all1 == 2000 * 64 and dense1 == dense2 < all1
+
+
+@pytest.mark.parametrize("softmax", [False, True])
+def test_target_attention_split_equals_concatenated_mlp(softmax):
+    from qdrank.models.layers import TargetAttention
+
+    torch.manual_seed(0)
+    att = TargetAttention(8, (6, 4), softmax=softmax)
+    randomize(att)
+    keys, mask = torch.randn(3, 5, 8), torch.rand(3, 5) > 0.3
+    q, cand_req = torch.randn(7, 8), torch.tensor([0, 0, 1, 2, 2, 2, 1])
+    k, m = keys[cand_req], mask[cand_req]
+    qe = q.unsqueeze(1).expand_as(k)
+    w = att.mlp(torch.cat([qe, k, qe - k, qe * k], -1)).squeeze(-1)       # the reference form
+    w = w.masked_fill(~m, float("-inf")).softmax(-1).nan_to_num(0.0) if softmax else w * m
+    ref = (w.unsqueeze(-1) * k).sum(1)
+    with torch.no_grad():
+        torch.testing.assert_close(att(q, keys, mask, cand_req), ref, atol=1e-5, rtol=0)
+        torch.testing.assert_close(att(q, k, m), ref, atol=1e-5, rtol=0)

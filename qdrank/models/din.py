@@ -34,5 +34,4 @@ class DIN(RankModel):
         return {"tokens": self.emb.history(batch)}
 
     def candidate_vectors(self, state: RequestState, batch: Batch, c: torch.Tensor) -> list[torch.Tensor]:
-        r = batch.cand_req
-        return [self.attention(c, state["tokens"][r], batch.hist_mask[r])]
+        return [self.attention(c, state["tokens"], batch.hist_mask, batch.cand_req)]

@@ -121,22 +121,39 @@ class FeatureEmbedder(nn.Module):
 
 
 class TargetAttention(nn.Module):
-    """DIN's activation unit: weight each key by an MLP of [q, k, q-k, q*k], no softmax."""
+    """DIN's activation unit: weight each key by an MLP of [q, k, q-k, q*k], no softmax.
+
+    The MLP's first layer is linear in its four blocks: ``W1 q + W2 k + W3 (q-k) + W4 (q*k) =
+    (W1 + W3) q + (W2 - W3) k + W4 (q*k)``. So the key part is computed once per request behaviour,
+    the query part once per candidate, and only ``W4 (q*k)`` per (candidate, behaviour) pair: the
+    same function as the concatenated form at a quarter of its first-layer cost.
+    """
 
     def __init__(self, dim: int, hidden: tuple[int, ...] = (64, 32), softmax: bool = False):
         super().__init__()
         self.mlp = MLP(4 * dim, hidden, out_dim=1, act=nn.SiLU)
         self.softmax = softmax
 
-    def forward(self, q: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """q [N, d], keys [N, L, d], mask [N, L] -> [N, d]."""
-        qe = q.unsqueeze(1).expand_as(keys)
-        w = self.mlp(torch.cat([qe, keys, qe - keys, qe * keys], -1)).squeeze(-1)
+    def forward(self, q: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor,
+                cand_req: torch.Tensor | None = None) -> torch.Tensor:
+        """q [N, d]; keys [R, L, d], mask [R, L] per request and ``cand_req`` [N] (None: keys and
+        mask are already per candidate, R = N) -> [N, d]."""
+        first, *rest = list(self.mlp)
+        w1, w2, w3, w4 = first.weight.split(q.shape[-1], dim=1)
+        kh = F.linear(keys, w2 - w3)                                   # [R, L, h] once per request
+        if cand_req is not None:
+            keys, kh, mask = keys[cand_req], kh[cand_req], mask[cand_req]
+        qh = F.linear(q, w1 + w3, first.bias)                          # [N, h] once per candidate
+        # W4 (q * k) = k @ (W4 * q)^T: a batched matmul, fused with the sum, no [N, L, d] product
+        h = torch.baddbmm(kh + qh.unsqueeze(1), keys, (w4 * q.unsqueeze(1)).transpose(1, 2))
+        for m in rest:
+            h = m(h)
+        w = h.squeeze(-1)
         if self.softmax:
             w = w.masked_fill(~mask, float("-inf")).softmax(-1).nan_to_num(0.0)
         else:
             w = w * mask.to(w.dtype)
-        return (w.unsqueeze(-1) * keys).sum(1)
+        return torch.bmm(w.unsqueeze(1), keys).squeeze(1)
 
 
 #: hashed words/bigrams kept per categorical side value (``CrossFeatures``)
