@@ -7,7 +7,7 @@ import json
 import pytest
 
 from qdrank.cli import main
-from qdrank.evaluation.ablation import TABLES, variants
+from qdrank.evaluation.ablation import DEFAULT_LAYERS, TABLES, variants
 
 FAST = ["data.max_history=10", "data.query_buckets=1000", "model.dim=8", "train.batch_size=2048",
         "train.max_epochs=1", "train.progress=false", "model.heads=1"]
@@ -19,7 +19,7 @@ def test_variants_cover_every_table_row_once():
     switches = {tuple(v.overrides) for v in variants()}
     for rows in TABLES.values():
         for _, ov in rows:
-            assert tuple([] if ov == ["model.layers=4"] else ov) in switches
+            assert tuple([] if ov == DEFAULT_LAYERS else ov) in switches
 
 
 def test_ablate_and_explain_cli(tiny_data, tmp_path, capsys):

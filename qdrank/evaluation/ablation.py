@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from qdrank.config import build_config
 from qdrank.evaluation.benchmark import METRIC_KEYS, BenchmarkSpec, Variant, point_tag, run_benchmark
 from qdrank.evaluation.report import aggregate, markdown_table, write_report
 
@@ -28,6 +29,7 @@ TABLES: dict[str, list[tuple[str, list[str]]]] = {
                                  ("heavy: 2000 steps, up to 0.1", ["model.noise=heavy"])],
     "Figure 4: number of layers": [(f"{k} layers", [f"model.layers={k}"]) for k in (2, 4, 6, 8)],
 }
+DEFAULT_LAYERS = [f"model.layers={build_config(DEFAULT).model.layers}"]  # that row is the default model
 
 
 def _label(overrides: list[str]) -> str:
@@ -38,7 +40,7 @@ def variants() -> list[Variant]:
     seen: dict[str, Variant] = {}
     for rows in TABLES.values():
         for _, ov in rows:
-            ov = [] if ov == ["model.layers=4"] else ov  # 4 layers is the default
+            ov = [] if ov == DEFAULT_LAYERS else ov  # the default depth is the default model
             seen.setdefault(_label(ov), Variant(_label(ov), DEFAULT, ov))
     return list(seen.values())
 
@@ -89,7 +91,7 @@ def run_ablation(data: Path, out: Path, seeds: int = 3, overrides: list[str] | N
     for title, rows in TABLES.items():
         trows = []
         for name, ov in rows:
-            ov = [] if ov == ["model.layers=4"] else ov
+            ov = [] if ov == DEFAULT_LAYERS else ov
             r = per[_label(ov)]
             trows.append({"model": name, "switch": " ".join(f"--set {o}" for o in ov) or "(default)",
                           **{k: r["test"][k] for k in METRIC_KEYS if k in r["test"]}})

@@ -86,7 +86,7 @@ ALLOWED = {
 
 @dataclass
 class DiffusionGSConfig(ModelConfig):
-    layers: int = 4                # stacked User-aware Denoising Layers (2..8, Figure 4)
+    layers: int = 2                # stacked User-aware Denoising Layers (2..8, Figure 4; README "Models")
     heads: int = 2
     injection: str = "add"         # add | cat | cross (Table 3)
     gate: str = "user"             # user | learnt | none (Table 4)
