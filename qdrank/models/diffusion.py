@@ -1,4 +1,4 @@
-"""DDPM helpers shared by diffusion rankers (DiffusionGS now, iFusion later); model-agnostic.
+"""DDPM helpers shared by the diffusion rankers (DiffusionGS, iFusion); model-agnostic.
 
 Conventions
 -----------
@@ -9,11 +9,15 @@ Conventions
   from ``x_t`` to ``x_s`` (``s < t``) with the mean of the DDPM posterior ``q(x_s | x_t, x0_hat)``;
   for ``s = t - 1`` this is exactly the DDPM posterior mean, for larger jumps it is the same
   Gaussian-posterior formula over the strided schedule (as in respaced DDPM samplers). No variance
-  is sampled on the way down, so the reverse chain is deterministic given ``x_T``.
+  is sampled on the way down unless a caller adds :meth:`DiffusionSchedule.posterior_std` times its
+  own (fixed) noise, so the reverse chain is deterministic given ``x_T``.
+* Schedules: ``linear`` (DDPM's betas), ``cosine`` (Nichol & Dhariwal 2021) and ``sqrt``
+  (Diffusion-LM), all built by :meth:`DiffusionSchedule.named`.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -28,16 +32,21 @@ NOISE_PRESETS: dict[str, tuple[int, float, float]] = {
 
 
 class DiffusionSchedule(nn.Module):
-    """Linear beta schedule ``beta_1..beta_T`` and its cumulative products."""
+    """A beta schedule ``beta_1..beta_T`` and its cumulative products (linear unless ``betas``)."""
 
-    def __init__(self, steps: int, beta_start: float, beta_end: float):
+    def __init__(self, steps: int, beta_start: float = 1e-4, beta_end: float = 0.02,
+                 betas: torch.Tensor | None = None):
         super().__init__()
         if steps < 1:
             raise ValueError(f"diffusion steps must be >= 1, got {steps}")
-        if not 0 < beta_start <= beta_end < 1:
-            raise ValueError(f"need 0 < beta_start <= beta_end < 1, got {beta_start}, {beta_end}")
+        if betas is None:
+            if not 0 < beta_start <= beta_end < 1:
+                raise ValueError(f"need 0 < beta_start <= beta_end < 1, got {beta_start}, {beta_end}")
+            betas = torch.linspace(beta_start, beta_end, steps, dtype=torch.float64)
+        betas = torch.as_tensor(betas, dtype=torch.float64)
+        if betas.shape != (steps,) or not bool(((betas > 0) & (betas < 1)).all()):
+            raise ValueError(f"betas must be {steps} values in (0, 1)")
         self.steps = steps
-        betas = torch.linspace(beta_start, beta_end, steps, dtype=torch.float64)
         alpha_bar = torch.cat([torch.ones(1, dtype=torch.float64), torch.cumprod(1.0 - betas, 0)])
         self.register_buffer("betas", betas.float(), persistent=False)
         self.register_buffer("alpha_bar", alpha_bar.float(), persistent=False)  # [T + 1], index = t
@@ -47,6 +56,24 @@ class DiffusionSchedule(nn.Module):
         if name not in NOISE_PRESETS:
             raise ValueError(f"unknown noise preset {name!r}; allowed: {', '.join(NOISE_PRESETS)}")
         return cls(*NOISE_PRESETS[name])
+
+    @classmethod
+    def named(cls, kind: str, steps: int) -> DiffusionSchedule:
+        """``linear`` (DDPM's 1e-4..0.02 over 1000 steps, rescaled to ``steps``), ``cosine`` or ``sqrt``."""
+        t = torch.arange(steps + 1, dtype=torch.float64) / steps
+        if kind == "linear":
+            scale = 1000.0 / steps
+            return cls(steps, betas=torch.linspace(1e-4 * scale, min(0.02 * scale, 0.999), steps, dtype=torch.float64))
+        if kind == "cosine":
+            s = 0.008
+            f = torch.cos((t + s) / (1 + s) * math.pi / 2) ** 2
+            abar = f / f[0]
+        elif kind == "sqrt":
+            abar = 1.0 - torch.sqrt(t + 1e-4)
+        else:
+            raise ValueError(f"unknown noise schedule {kind!r}; allowed: linear, cosine, sqrt")
+        betas = (1.0 - abar[1:] / abar[:-1].clamp_min(1e-12)).clamp(1e-6, 0.999)
+        return cls(steps, betas=betas)
 
     def _ab(self, t: torch.Tensor | int, like: torch.Tensor) -> torch.Tensor:
         """alpha_bar at ``t`` ([R] or scalar) shaped to broadcast against ``like`` [R, ...]."""
@@ -74,6 +101,12 @@ class DiffusionSchedule(nn.Module):
         c0 = a_s.sqrt() * (1.0 - a_ts) / denom
         ct = a_ts.sqrt() * (1.0 - a_s) / denom
         return c0 * x0_hat + ct * x_t
+
+    def posterior_std(self, t: torch.Tensor | int, s: torch.Tensor | int, like: torch.Tensor) -> torch.Tensor:
+        """Standard deviation of ``q(x_s | x_t, x0)`` (the stochastic reverse term, sqrt(beta~))."""
+        a_t, a_s = self._ab(t, like), self._ab(s, like)
+        var = (1.0 - a_s) / (1.0 - a_t).clamp_min(1e-12) * (1.0 - a_t / a_s)
+        return var.clamp_min(0.0).sqrt()
 
     def reverse_steps(self, n_steps: int) -> list[int]:
         """``n_steps + 1`` evenly spaced, strictly decreasing steps from T to 0 (n_steps <= T)."""
@@ -108,6 +141,15 @@ def fixed_noise(n_rows: int, dim: int, seed: int, chunk: int = 256, dtype=torch.
     if not parts:
         return torch.zeros(0, dim, dtype=dtype)
     return torch.cat(parts)[:n_rows].to(dtype)
+
+
+def guided(uncond: torch.Tensor, conds: list[torch.Tensor], gammas: list[float]) -> torch.Tensor:
+    """Classifier-free guidance with one or more conditions (iFusion eq. 7 and 14):
+    ``f_u + sum_j gamma_j (f_j - f_u)``."""
+    out = uncond
+    for f, g in zip(conds, gammas, strict=True):
+        out = out + g * (f - uncond)
+    return out
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10_000.0) -> torch.Tensor:
