@@ -1,4 +1,5 @@
-"""DLRM-style peers: DNN, DIN, SASRec, SIM (soft and hard GSU), QIN."""
+"""The shared battery of the attention/sequence peers: DNN, DIN, SASRec, SIM (soft and hard GSU),
+QIN, and iFusion's Table-1 peers (DIEN, ETA, SDIM, TWIN, DiffuRec, DreamRec) and iFusion itself."""
 
 from __future__ import annotations
 
@@ -20,6 +21,13 @@ VARIANTS = {
     "sim_soft": ("sim", ["model.topk=5"]),
     "sim_hard": ("sim", ["model.gsu=hard", "model.topk=5"]),
     "qin": ("qin", ["model.query_topk=6", "model.target_topk=3"]),
+    "dien": ("dien", []),
+    "eta": ("eta", ["model.topk=5", "model.hash_bits=16"]),
+    "sdim": ("sdim", ["model.hashes=8", "model.bits=2"]),
+    "twin": ("twin", ["model.topk=5"]),
+    "dreamrec": ("dreamrec", []),
+    "diffurec": ("diffurec", []),
+    "ifusion": ("ifusion", ["model.session_gap=0", "model.short_len=8", "model.sessions=3"]),
 }
 
 

@@ -36,6 +36,12 @@ class SASRecConfig(ModelConfig):
     max_len: int = 200          # distinct position embeddings (counted back from the latest behaviour)
 
 
+def state_at(x: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
+    """x [R, L, d] -> x[r, length[r] - 1] as [R, d]; zero where ``length`` <= 0."""
+    state = x[torch.arange(x.shape[0], device=x.device), (length - 1).clamp_min(0)]
+    return state * (length > 0).unsqueeze(-1).to(state.dtype)
+
+
 class SASRec(RankModel):
     config_class = SASRecConfig
 
@@ -50,27 +56,34 @@ class SASRec(RankModel):
         self.ln = nn.LayerNorm(d)
         self.build_head(n_request_vectors=1, interest=True)
 
-    def user_state(self, batch: Batch, tokens: torch.Tensor | None = None) -> torch.Tensor:
-        """[R, d]: the sequence output at the last valid position (zero for an empty history).
-        ``tokens``: ``emb.history(batch)`` when already computed."""
-        valid = batch.hist_mask
-        L = valid.shape[1]
-        length = batch.hist_len.clamp(0, L)
-        if L == 0:
-            return self.pos.weight.new_zeros(valid.shape[0], self.cfg.dim)
-        ar = torch.arange(L, device=valid.device)
+    def sequence(self, batch: Batch, add: torch.Tensor | None = None, length: torch.Tensor | None = None,
+                 tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """[R, L, d]: causal self-attention outputs; position i has seen behaviours 0..i only.
+
+        ``length`` [R] keeps only each history's first ``length`` behaviours; ``add`` [R, d] is added
+        to every valid token (DiffuRec feeds its noisy target that way); ``tokens``: ``emb.history(batch)``
+        when already computed."""
+        L = batch.hist_mask.shape[1]
+        length = batch.hist_len.clamp(0, L) if length is None else length.clamp(0, L)
+        ar = torch.arange(L, device=length.device)
+        valid = ar[None, :] < length[:, None]
         pos = (length.unsqueeze(1) - 1 - ar).clamp(0, self.max_len - 1)
         m = valid.unsqueeze(-1).to(self.pos.weight.dtype)
-        if tokens is None:
-            tokens = self.emb.history(batch)
-        x = self.drop((tokens + self.pos(pos)) * m)
+        x = (self.emb.history(batch) if tokens is None else tokens) + self.pos(pos)
+        if add is not None:
+            x = x + add.unsqueeze(1)
+        x = self.drop(x * m)
         mask = causal_mask(valid)
         for blk in self.blocks:
             x = blk(x, mask) * m
-        x = self.ln(x)
-        last = (length - 1).clamp_min(0)
-        state = x[torch.arange(x.shape[0], device=x.device), last]
-        return state * (length > 0).unsqueeze(-1).to(state.dtype)
+        return self.ln(x)
+
+    def user_state(self, batch: Batch, tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """[R, d]: the sequence output at the last valid position (zero for an empty history)."""
+        valid = batch.hist_mask
+        if valid.shape[1] == 0:
+            return self.pos.weight.new_zeros(valid.shape[0], self.cfg.dim)
+        return state_at(self.sequence(batch, tokens=tokens), batch.hist_len.clamp(0, valid.shape[1]))
 
     def encode(self, batch: Batch) -> RequestState:
         tokens = self.emb.history(batch)

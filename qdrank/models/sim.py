@@ -65,20 +65,29 @@ class SIM(RankModel):
 
     def __init__(self, fmap: FeatureMap, cfg: SIMConfig):
         super().__init__(fmap, cfg)
-        if cfg.gsu not in GSU_MODES:
-            raise ValueError(f"model.gsu must be one of {GSU_MODES}, got {cfg.gsu!r}")
         if cfg.topk < 1:
             raise ValueError(f"model.topk must be >= 1, got {cfg.topk}")
-        d = cfg.dim
+        self.esu = MultiHeadTargetAttention(cfg.dim, cfg.heads, cfg.dropout)
+        self.build_gsu(fmap, cfg)
+        self.build_head(n_request_vectors=1, n_candidate_vectors=1, interest=True)
+
+    def build_gsu(self, fmap: FeatureMap, cfg: SIMConfig) -> None:
+        """The General Search Unit's own parameters (peers with another GSU override this)."""
+        if cfg.gsu not in GSU_MODES:
+            raise ValueError(f"model.gsu must be one of {GSU_MODES}, got {cfg.gsu!r}")
         self.gsu = cfg.gsu
         if cfg.gsu == "hard":
             self.cat_slots = self._category_slots(fmap)
         else:
-            self.gsu_cand = nn.Linear(d, d)
-            self.gsu_beh = nn.Linear(d, d)
-            self.aux_head = MLP(3 * d, (d,), out_dim=1)
-        self.esu = MultiHeadTargetAttention(d, cfg.heads, cfg.dropout)
-        self.build_head(n_request_vectors=1, n_candidate_vectors=1, interest=True)
+            self.gsu_cand = nn.Linear(cfg.dim, cfg.dim)
+            self.gsu_beh = nn.Linear(cfg.dim, cfg.dim)
+            self.aux_head = MLP(3 * cfg.dim, (cfg.dim,), out_dim=1)
+
+    def gsu_state(self, hist: torch.Tensor, batch: Batch) -> RequestState:
+        """Per-request GSU inputs computed once (behaviour keys or categories)."""
+        if self.gsu == "hard":
+            return {"cat": self.emb.item_sparse[batch.hist_item][..., self.cat_slots]}
+        return {"gsu_keys": self.gsu_beh(hist)}
 
     @staticmethod
     def _category_slots(fmap: FeatureMap) -> slice:
@@ -123,10 +132,7 @@ class SIM(RankModel):
         else:
             short = tokens.new_zeros(tokens.shape[0], tokens.shape[-1])
         st = {"req": short, "interest": short, "tokens": tokens, "mask": mask}
-        if self.gsu == "hard":
-            st["cat"] = self.emb.item_sparse[batch.hist_item][..., self.cat_slots]
-        else:
-            st["gsu_keys"] = self.gsu_beh(tokens)
+        st.update(self.gsu_state(tokens, batch))
         return st
 
     def candidate_vectors(self, state: RequestState, batch: Batch, c: torch.Tensor) -> list[torch.Tensor]:
