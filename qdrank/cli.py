@@ -191,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--input", help=f"folder with the source files (default: ${DATA_ENV}/SOURCE)")
     pr.add_argument("--out", required=True)
     pr.add_argument("--seed", type=int, default=0)
-    pr.add_argument("--scale", help="synthetic: tiny | small | medium | large")
+    pr.add_argument("--scale", help="synthetic: tiny | demo | small | medium | large | sessions")
     pr.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="converter option")
     pr.set_defaults(func=cmd_prepare)
     v = data.add_parser("validate", help="check a dataset directory against the format")

@@ -145,3 +145,31 @@ def test_signal_is_real(medium):
     assert auc_both > auc_query + 0.02
     # and both stay below the oracle ceiling
     assert auc_both < oracle
+
+
+def test_session_mode_writes_sessions_with_moods(tmp_path):
+    """The `sessions` option: bursts of behaviours, each request preceded by its own session."""
+    import pandas as pd
+
+    from qdrank.data.sources import synthetic
+
+    small = dict(n_users=40, n_items=400, n_categories=8, n_requests=300, candidates_per_request=10,
+                 history_per_user=64, seed=3)
+    synthetic.prepare(None, tmp_path / "s", session_drift=0.6, session_behaviors=4, **small)
+    synthetic.prepare(None, tmp_path / "p", **small)
+    req = pd.read_parquet(tmp_path / "s" / "requests.parquet")
+    beh = pd.read_parquet(tmp_path / "s" / "behaviors.parquet").sort_values(["user_id", "timestamp"])
+    # every request has behaviours of its own user 1-20 minutes before it
+    for r in req.sample(40, random_state=0).itertuples():
+        mine = beh[(beh.user_id == r.user_id) & (beh.timestamp < r.timestamp) & (beh.timestamp >= r.timestamp - 1200)]
+        assert len(mine) >= 1
+    # pre-request history comes in sessions: most consecutive gaps are within a session (< 30 min)
+    hist = beh[beh.timestamp < synthetic.T0]
+    gaps = hist.groupby("user_id")["timestamp"].diff().dropna()
+    assert (gaps < 1800).mean() > 0.8 and (gaps > 1800).any()
+    # moods change the ground truth: same seed, same sizes, other click probabilities
+    imp_s = pd.read_parquet(tmp_path / "s" / "impressions.parquet")
+    imp_p = pd.read_parquet(tmp_path / "p" / "impressions.parquet")
+    assert len(imp_s) == len(imp_p) and not imp_s["true_ctr"].equals(imp_p["true_ctr"])
+    with pytest.raises(ValueError, match="session_drift"):
+        synthetic.prepare(None, tmp_path / "x", session_drift=1.5, **small)

@@ -13,6 +13,9 @@ Scales (``scale=`` picks a preset from :data:`SCALES`; explicit non-default argu
     small    2k users,     3k items,  20k requests x 20             (~400k impressions, the default)
     medium   20k users,   20k items,  50k requests x 20             (~1M impressions)
     large    200k users, 100k items, 500k requests x 20             (~10M impressions)
+    sessions 1k users,     3k items,  20k requests x 20, ~1,000 behaviours per user in sessions with
+             session-level drift (``session_drift=0.6``, ``session_behaviors=6``): long-term taste
+             plus short-term moods, the premise of iFusion
 
 Ground truth
 ------------
@@ -85,6 +88,15 @@ each clicked item as ``click``, each purchased item as ``purchase``, and unclick
 0-1 as ``impression`` with probability .3. The loader's strict-earlier rule must exclude them from
 that request's own history; later requests of the same user do see them.
 
+**Sessions** (``session_drift > 0``; the ``sessions`` scale). Behaviours come in sessions: every
+block of 8 consecutive behaviours of a user is one session (60-150 s apart, the session placed
+uniformly over the history window), and each session, history or request, has a *mood*: a price
+level ``m_s`` uniform in 1..5. Within a session the preferred price level in ``z``, ``v`` and the
+engaged-item choice is ``(1 - session_drift) * p_u + session_drift * m_s`` instead of ``p_u``. Every
+request also gets ``Poisson(session_behaviors - 1) + 1`` behaviours of its own session 1-20 minutes
+before it (searches as above, same mood), so its short-term history reveals the mood while the
+long history reveals ``p_u``: ranking well needs both.
+
 With the defaults the click rate is ~11.5%, purchase-given-click ~24%, and the oracle AUC of
 ``true_ctr`` is ~0.84. Gradient-boosted trees on hand-made features (test AUC, seed 0) reach ~0.77
 without user/history features, ~0.75 without the query (but with position), ~0.79 with history
@@ -125,7 +137,11 @@ SCALES: dict[str, dict[str, int]] = {
                    candidates_per_request=20, history_per_user=50),
     "large": dict(n_users=200_000, n_items=100_000, n_categories=60, n_requests=500_000,
                   candidates_per_request=20, history_per_user=50),
+    "sessions": dict(DEFAULTS, n_users=1000, history_per_user=1000),
 }
+# options a scale sets unless given explicitly
+SCALE_OPTIONS: dict[str, dict[str, float]] = {"sessions": dict(session_drift=0.6, session_behaviors=6)}
+SESSION_LEN = 8  # history behaviours per session in session mode
 
 T0 = 1_700_000_000  # first request time (unix s); all pre-request history lies before it
 DAY = 86_400
@@ -344,9 +360,11 @@ class _World:
 
     # ------------------------------------------------------------------------------- ground truth
     def logits(self, rng: np.random.Generator, users: np.ndarray, items: np.ndarray, qidx: np.ndarray,
-               device: np.ndarray, hour: np.ndarray, discount: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+               device: np.ndarray, hour: np.ndarray, discount: np.ndarray, mood: np.ndarray | None = None,
+               drift: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
         """Click logit ``z`` (before position bias) and purchase-given-click logit ``v``; all arrays
-        broadcast to the shape of ``items`` (pass per-request arrays as ``[:, None]``)."""
+        broadcast to the shape of ``items`` (pass per-request arrays as ``[:, None]``). ``mood``: the
+        session's price level, pulling the preferred level towards it by ``drift``."""
         cat, brand, level = self.cat[items], self.brand[items], self.level[items]
         match = (cat == qidx // QUERIES_PER_CATEGORY).astype(float)
         overlap = match * _POPCOUNT[self.query_mask[qidx] & self.title_mask[items]]
@@ -354,6 +372,8 @@ class _World:
         interest = ((fav[..., :] == cat[..., None]) * self.fav_w[users]).sum(-1)
         fav_brand = (self.fav_brand[users] == brand[..., None]).any(-1).astype(float)
         gamma, pl = self.gamma[users], self.p_level[users]
+        if mood is not None and drift > 0:
+            pl = (1.0 - drift) * pl + drift * mood
         q, pz = self.quality[items], self.pz[items]
         z = (CTR_BIAS + _M_DEV[device] * (2.5 * match + 0.8 * overlap) + 1.6 * interest
              + self.beta[users] * _B_DEV[device] * fav_brand
@@ -393,32 +413,51 @@ def _distinct_rows(rng: np.random.Generator, w: _World, qcat: np.ndarray, n_q: i
 
 # ----------------------------------------------------------------------------------------- history
 
-def _history_block(w: _World, seed: int, b: int, u0: int, u1: int, per_user: int) -> pa.Table:
+def _history_block(w: _World, seed: int, b: int, u0: int, u1: int, per_user: int, drift: float = 0.0) -> pa.Table:
     rng = _block_rng(seed, 1, b)
     n_u = u1 - u0
     mult = rng.gamma(4.0, 0.25, size=n_u)
     n_h = np.maximum(rng.poisson(per_user * mult), 1)
     users = np.repeat(np.arange(u0, u1), n_h)
     n = users.size
+    if drift > 0:
+        # sessions of SESSION_LEN consecutive behaviours, each placed uniformly, with its own mood
+        k = np.arange(n) - np.repeat(np.cumsum(n_h) - n_h, n_h)        # index within the user
+        sess = np.repeat(np.cumsum(n_h) - n_h, n_h) + k // SESSION_LEN  # a global session key
+        uniq, inv = np.unique(sess, return_inverse=True)
+        start = T0 - 3600 - (rng.random(uniq.size) * (HISTORY_DAYS * DAY - 7200)).astype(np.int64)
+        ts = start[inv] + (k % SESSION_LEN) * 90 + rng.integers(0, 60, size=n) - SESSION_LEN * 150
+        mood = rng.integers(1, 6, size=uniq.size)[inv]
+    else:
+        # time: uniform over the HISTORY_DAYS before T0 (at least an hour before), sorted per user
+        ts = T0 - 3600 - (rng.random(n) * (HISTORY_DAYS * DAY - 3600)).astype(np.int64)
+        mood = None
     qcat = np.where(rng.random(n) < 0.7, w.fav_category(rng, users), rng.choice(w.C, size=n, p=w.cat_p))
     qidx = w.query_of(rng, qcat)
-    items = w.items_of(rng, np.repeat(qcat[:, None], HISTORY_CANDIDATES, 1))
-    device = np.where(rng.random(n) < 0.7, w.device[users], rng.integers(0, 3, size=n))
-    # time: uniform over the HISTORY_DAYS before T0 (at least an hour before), sorted per user
-    ts = T0 - 3600 - (rng.random(n) * (HISTORY_DAYS * DAY - 3600)).astype(np.int64)
     hour = (ts % DAY) // 3600
+    device = np.where(rng.random(n) < 0.7, w.device[users], rng.integers(0, 3, size=n))
+    item, action = _engage(rng, w, users, qidx, device, hour, None if mood is None else mood[:, None], drift)
+    order = np.lexsort((ts, users))  # per user, oldest first
+    return _behavior_table(users[order], item[order], ts[order], action[order], qidx[order], w)
+
+
+def _engage(rng: np.random.Generator, w: _World, users: np.ndarray, qidx: np.ndarray, device: np.ndarray,
+            hour: np.ndarray, mood: np.ndarray | None, drift: float) -> tuple[np.ndarray, np.ndarray]:
+    """One past search each: HISTORY_CANDIDATES items of the query's category, then an impression of
+    the first (40%) or an engagement with one picked by softmax(z) (click, cart or purchase)."""
+    n = users.size
+    items = w.items_of(rng, np.repeat((qidx // QUERIES_PER_CATEGORY)[:, None], HISTORY_CANDIDATES, 1))
     discount = np.where(rng.random((n, HISTORY_CANDIDATES)) < 0.3,
                         rng.uniform(0.05, 0.4, size=(n, HISTORY_CANDIDATES)), 0.0)
-    z, v = w.logits(rng, users[:, None], items, qidx[:, None], device[:, None], hour[:, None], discount)
+    z, v = w.logits(rng, users[:, None], items, qidx[:, None], device[:, None], hour[:, None], discount,
+                    mood, drift)
     pick = np.argmax(z + rng.gumbel(size=z.shape), axis=1)  # engaged item ~ softmax(z)
     rows = np.arange(n)
     engaged = rng.random(n) >= 0.4
     item = np.where(engaged, items[rows, pick], items[:, 0])
     bought = rng.random(n) < _sigmoid(v[rows, pick])
     carted = rng.random(n) < 0.15
-    action = np.where(~engaged, 0, np.where(bought, 3, np.where(carted, 2, 1)))
-    order = np.lexsort((ts, users))  # per user, oldest first
-    return _behavior_table(users[order], item[order], ts[order], action[order], qidx[order], w)
+    return item, np.where(~engaged, 0, np.where(bought, 3, np.where(carted, 2, 1)))
 
 
 BEHAVIOR_SCHEMA = pa.schema([("user_id", pa.int64()), ("item_id", pa.int64()), ("timestamp", pa.int64()),
@@ -438,7 +477,7 @@ def _behavior_table(users, items, ts, action, qidx, w: _World) -> pa.Table:
 # ----------------------------------------------------------------------------------------- requests
 
 def _request_block(w: _World, seed: int, b: int, r0: int, r1: int, n_requests: int,
-                   k: int) -> tuple[pa.Table, pa.Table, pa.Table]:
+                   k: int, drift: float = 0.0, session_behaviors: int = 0) -> tuple[pa.Table, pa.Table, pa.Table]:
     rng = _block_rng(seed, 2, b)
     n = r1 - r0
     span = REQUEST_DAYS * DAY
@@ -453,11 +492,13 @@ def _request_block(w: _World, seed: int, b: int, r0: int, r1: int, n_requests: i
     qcat = np.where(rng.random(n) < 0.55, w.fav_category(rng, users), rng.choice(w.C, size=n, p=w.cat_p))
     qidx = w.query_of(rng, qcat)
     device = np.where(rng.random(n) < 0.7, w.device[users], rng.integers(0, 3, size=n))
+    mood = rng.integers(1, 6, size=n) if drift > 0 else None
 
     n_q = int(round(0.7 * k))
     items = _distinct_rows(rng, w, qcat, n_q, k)
     discount = np.where(rng.random((n, k)) < 0.3, np.round(rng.uniform(0.05, 0.4, size=(n, k)), 2), 0.0)
-    z, v = w.logits(rng, users[:, None], items, qidx[:, None], device[:, None], hour[:, None], discount)
+    z, v = w.logits(rng, users[:, None], items, qidx[:, None], device[:, None], hour[:, None], discount,
+                    None if mood is None else mood[:, None], drift)
     # production ranker: noisy relevance -> positions
     cat = w.cat[items]
     interest = ((w.fav[users][:, None, :] == cat[..., None]) * w.fav_w[users][:, None, :]).sum(-1)
@@ -502,7 +543,23 @@ def _request_block(w: _World, seed: int, b: int, r0: int, r1: int, n_requests: i
     flat, act = flat[o], act[o]
     req_of = flat // k
     behaviors = _behavior_table(users[req_of], items.ravel()[flat], ts[req_of], act, qidx[req_of], w)
+    if mood is not None and session_behaviors > 0:
+        behaviors = pa.concat_tables([_session_prefix(rng, w, users, ts, mood, device, drift, session_behaviors),
+                                      behaviors])
     return requests, impressions, behaviors
+
+
+def _session_prefix(rng: np.random.Generator, w: _World, users: np.ndarray, ts: np.ndarray, mood: np.ndarray,
+                    device: np.ndarray, drift: float, mean_n: int) -> pa.Table:
+    """Behaviours of each request's own session, 1-20 minutes before it, under the session's mood."""
+    n_pre = rng.poisson(max(mean_n - 1, 0), size=users.size) + 1
+    req = np.repeat(np.arange(users.size), n_pre)
+    u = users[req]
+    t = ts[req] - rng.integers(60, 1200, size=req.size)
+    qcat = np.where(rng.random(req.size) < 0.5, w.fav_category(rng, u), rng.choice(w.C, size=req.size, p=w.cat_p))
+    qidx = w.query_of(rng, qcat)
+    item, action = _engage(rng, w, u, qidx, device[req], (t % DAY) // 3600, mood[req][:, None], drift)
+    return _behavior_table(u, item, t, action, qidx, w)
 
 
 # ----------------------------------------------------------------------------------------- writing
@@ -556,7 +613,8 @@ def _blocks(n: int) -> Iterator[tuple[int, int, int]]:
 def prepare(input=None, out: Path = Path("data/synthetic"), *, seed: int = 0, n_users: int = 2000,
             n_items: int = 3000, n_categories: int = 20, n_requests: int = 20000,
             candidates_per_request: int = 20, history_per_user: int = 50, chunk_requests: int = 50_000,
-            scale: str | None = None, **_) -> ValidationReport:
+            scale: str | None = None, session_drift: float = 0.0, session_behaviors: int = 0,
+            **_) -> ValidationReport:
     """Write the synthetic dataset to ``out`` (atomically) and return its validation report.
 
     ``input`` is ignored (nothing to read). ``scale`` selects a preset of :data:`SCALES`; any size
@@ -570,6 +628,12 @@ def prepare(input=None, out: Path = Path("data/synthetic"), *, seed: int = 0, n_
         if scale not in SCALES:
             raise ValueError(f"unknown scale {scale!r}; choose one of {sorted(SCALES)}")
         args = {k: (v if v != DEFAULTS[k] else SCALES[scale][k]) for k, v in args.items()}
+        opts = SCALE_OPTIONS.get(scale, {})
+        session_drift = session_drift or float(opts.get("session_drift", 0.0))
+        session_behaviors = session_behaviors or int(opts.get("session_behaviors", 0))
+    if not 0 <= session_drift <= 1 or session_behaviors < 0:
+        raise ValueError(f"session_drift must be in [0, 1] and session_behaviors >= 0, got {session_drift}, "
+                         f"{session_behaviors}")
     U, N, C, R = args["n_users"], args["n_items"], args["n_categories"], args["n_requests"]
     K, H = args["candidates_per_request"], args["history_per_user"]
     if min(U, N, C, R, K) < 1 or H < 0:
@@ -594,7 +658,7 @@ def prepare(input=None, out: Path = Path("data/synthetic"), *, seed: int = 0, n_
             for b, u0, u1 in _blocks(U):
                 if H == 0:
                     break
-                t = _history_block(world, seed, b, u0, u1, H)
+                t = _history_block(world, seed, b, u0, u1, H, session_drift)
                 beh_w.add(t)
                 n_beh += t.num_rows
                 buffered += t.num_rows
@@ -605,7 +669,7 @@ def prepare(input=None, out: Path = Path("data/synthetic"), *, seed: int = 0, n_
             # requests in time order
             buffered = 0
             for b, r0, r1 in _blocks(R):
-                rq, im, bh = _request_block(world, seed, b, r0, r1, R, K)
+                rq, im, bh = _request_block(world, seed, b, r0, r1, R, K, session_drift, session_behaviors)
                 req_w.add(rq)
                 imp_w.add(im)
                 beh_w.add(bh)
