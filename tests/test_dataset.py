@@ -96,3 +96,33 @@ def test_empty_histories_are_fine(tmp_path, n):
     ds = SearchLogDataset(d, DataConfig(), log=lambda m: None)
     b = ds.make_batch(np.arange(5))
     assert int(b.hist_len.sum()) <= n * 5
+
+
+def test_registered_batch_input_reaches_the_model(tiny_dataset):
+    """A model adds an input by registering a builder and naming it: no other file changes."""
+    import numpy as np
+    import pytest
+
+    from qdrank.data.batch import batch_input, batch_inputs
+
+    _, ds = tiny_dataset
+
+    @batch_input("test_candidate_count")
+    def candidate_count(d, rows, cand):
+        return (d.imp_end[rows] - d.imp_start[rows]).astype(np.int64)
+
+    try:
+        rows = ds.requests_of("train")[:5]
+        b = ds.make_batch(rows, ("test_candidate_count",))
+        assert b.extra["test_candidate_count"].tolist() == (ds.imp_end[rows] - ds.imp_start[rows]).tolist()
+        assert b.to("cpu").extra["test_candidate_count"].tolist() == b.extra["test_candidate_count"].tolist()
+        assert ds.make_batch(rows).extra == {}
+        with pytest.raises(KeyError, match="unknown batch input"):
+            ds.make_batch(rows, ("no_such_input",))
+        with pytest.raises(ValueError, match="registered twice"):
+            batch_input("test_candidate_count")(lambda d, r, c: r)
+    finally:
+        from qdrank.data import batch as batch_module
+
+        batch_module._INPUTS.pop("test_candidate_count", None)
+    assert "test_candidate_count" not in batch_inputs()

@@ -94,7 +94,7 @@ def pad_history(b: Batch, L: int) -> Batch:
 
     return dataclasses.replace(b, hist_item=pad(b.hist_item), hist_sparse=pad(b.hist_sparse),
                                hist_dense=pad(b.hist_dense), hist_query=pad(b.hist_query),
-                               hist_time=pad(b.hist_time))
+                               hist_time=pad(b.hist_time), hist_age=pad(b.hist_age))
 
 
 @pytest.mark.parametrize("injection", ["add", "cat", "cross"])

@@ -21,7 +21,7 @@ def build(tiny_dataset, *overrides: str):
 def batch_of(model, ds, n: int = 16):
     rows = ds.requests_of("train")
     rows = rows[(ds.hist_end[rows] - ds.hist_start[rows]) >= 5][:n]
-    return ds.make_batch(rows, model.extra_inputs)
+    return ds.make_batch(rows)
 
 
 @pytest.mark.parametrize("kind", ["linear", "cosine", "sqrt"])
@@ -53,13 +53,13 @@ def test_session_slots_gap_rule():
     assert s.tolist() == [[-1, -1, 0, 0, 1, 1, -1, -1]]
 
 
-def test_hist_age_input_matches_history(tiny_dataset):
+def test_hist_age_matches_history(tiny_dataset):
     model, ds = build(tiny_dataset)
-    assert model.extra_inputs == ("hist_age",)
     b = batch_of(model, ds)
-    age = b.extra["hist_age"]
+    age = b.hist_age
     assert age.shape == b.hist_item.shape
     assert bool((age[b.hist_mask] > 0).all()), "history behaviours are strictly earlier than the request"
+    assert bool((age[~b.hist_mask] == 0).all())
     # chronological: ages never increase along a history
     d = age[:, 1:] - age[:, :-1]
     both = b.hist_mask[:, 1:] & b.hist_mask[:, :-1]
@@ -91,9 +91,9 @@ def test_inference_is_deterministic_and_batch_independent(tiny_dataset):
     model.eval()
     rows = ds.requests_of("valid")[:8]
     with torch.no_grad():
-        full = model(ds.make_batch(rows, model.extra_inputs), use_position=False).ctr_logit
-        again = model(ds.make_batch(rows, model.extra_inputs), use_position=False).ctr_logit
-        part = model(ds.make_batch(rows[3:4], model.extra_inputs), use_position=False).ctr_logit
+        full = model(ds.make_batch(rows), use_position=False).ctr_logit
+        again = model(ds.make_batch(rows), use_position=False).ctr_logit
+        part = model(ds.make_batch(rows[3:4]), use_position=False).ctr_logit
     assert torch.equal(full, again)
     n = ds.imp_end[rows] - ds.imp_start[rows]
     s = int(n[:3].sum())

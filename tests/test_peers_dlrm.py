@@ -66,7 +66,7 @@ def without_history(b, rows):
     keep[rows] = False
     k2, k3 = keep[:, None], keep[:, None, None]
     return replace(b, hist_item=b.hist_item * k2, hist_sparse=b.hist_sparse * k3,
-                   hist_dense=b.hist_dense * k3, hist_query=b.hist_query * k3, hist_time=b.hist_time * k2,
+                   hist_dense=b.hist_dense * k3, hist_query=b.hist_query * k3, hist_time=b.hist_time * k2, hist_age=b.hist_age * k2,
                    hist_len=b.hist_len * keep, query=b.query * k2)
 
 
@@ -75,13 +75,14 @@ def pad_history(b, extra):
         z = x.new_zeros(x.shape[0], extra, *x.shape[2:])
         return torch.cat([x, z], dim=1)
     return replace(b, hist_item=pad(b.hist_item), hist_sparse=pad(b.hist_sparse), hist_dense=pad(b.hist_dense),
-                   hist_query=pad(b.hist_query), hist_time=pad(b.hist_time))
+                   hist_query=pad(b.hist_query), hist_time=pad(b.hist_time),
+                   hist_age=pad(b.hist_age))
 
 
 def truncate_history(b, n):
     """Keep the first ``n`` history columns (still left-aligned, chronological)."""
     return replace(b, hist_item=b.hist_item[:, :n], hist_sparse=b.hist_sparse[:, :n], hist_dense=b.hist_dense[:, :n],
-                   hist_query=b.hist_query[:, :n], hist_time=b.hist_time[:, :n], hist_len=b.hist_len.clamp_max(n))
+                   hist_query=b.hist_query[:, :n], hist_time=b.hist_time[:, :n], hist_age=b.hist_age[:, :n], hist_len=b.hist_len.clamp_max(n))
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))

@@ -50,7 +50,7 @@ def blank_request(b, r: int, history: bool = True, query: bool = True):
     """Request ``r`` with its history and/or query removed."""
     ch = {}
     if history:
-        for k in ("hist_item", "hist_sparse", "hist_dense", "hist_query", "hist_time"):
+        for k in ("hist_item", "hist_sparse", "hist_dense", "hist_query", "hist_time", "hist_age"):
             t = getattr(b, k).clone()
             t[r] = 0
             ch[k] = t
@@ -100,7 +100,7 @@ def test_padding_invariance(name, tiny_dataset):
     b = ds.make_batch(rows_with_history(ds, 5))
     extra = 7
     ch = {}
-    for k in ("hist_item", "hist_sparse", "hist_dense", "hist_query", "hist_time"):
+    for k in ("hist_item", "hist_sparse", "hist_dense", "hist_query", "hist_time", "hist_age"):
         t = getattr(b, k)
         ch[k] = torch.cat([t, t.new_zeros(t.shape[0], extra, *t.shape[2:])], 1)
     b2 = dataclasses.replace(b, **ch)

@@ -33,7 +33,7 @@ def test_eta_keeps_the_behaviours_nearest_in_hamming_distance(tiny_dataset, batc
         st = m.encode_request(batch)
         c = m.emb.candidate(batch)
         idx, keep, scores = m.select(st, batch, c)
-        hist = st["hist"][batch.cand_req]
+        hist = st["tokens"][batch.cand_req]
         ham = (simhash(hist, m.planes) != simhash(c, m.planes)[:, None, :]).sum(-1)
     for n in range(len(c)):
         valid = st["mask"][batch.cand_req[n]]
@@ -52,10 +52,10 @@ def test_twin_gsu_is_the_esu_attention(tiny_dataset, batch):
         c = m.emb.candidate(batch)
         scores, _ = m.gsu_scores(st, batch, c)
         a = m.esu.attn
-        N, L, d = len(c), st["hist"].shape[1], c.shape[-1]
+        N, L, d = len(c), st["tokens"].shape[1], c.shape[-1]
         h, dh = a.heads, d // a.heads
         qh = a.q(c).view(N, 1, h, dh).transpose(1, 2)
-        kh = a.k(st["hist"][batch.cand_req]).view(N, L, h, dh).transpose(1, 2)
+        kh = a.k(st["tokens"][batch.cand_req]).view(N, L, h, dh).transpose(1, 2)
         per_head = (qh @ kh.transpose(-1, -2)).squeeze(2) / dh**0.5        # the ESU's logits
     torch.testing.assert_close(scores, per_head.mean(1))
 
@@ -69,13 +69,13 @@ def test_sdim_interest_is_the_bucket_mean(tiny_dataset, batch):
         st = m.encode_request(batch)
         c = m.emb.candidate(batch)
         got = m.interest(st, batch, c)
-        hc, hh = bucket_codes(c, m.planes), bucket_codes(st["hist"], m.planes)
+        hc, hh = bucket_codes(c, m.planes), bucket_codes(st["tokens"], m.planes)
     for n in range(0, len(c), 7):
         r = int(batch.cand_req[n])
         ref = []
         for j in range(4):
             sel = st["mask"][r] & (hh[r, :, j] == hc[n, j])
-            ref.append(st["hist"][r][sel].mean(0) if bool(sel.any()) else torch.zeros(c.shape[-1]))
+            ref.append(st["tokens"][r][sel].mean(0) if bool(sel.any()) else torch.zeros(c.shape[-1]))
         expect = torch.nn.functional.normalize(torch.stack(ref).mean(0), dim=-1)
         torch.testing.assert_close(got[n], expect, atol=1e-5, rtol=1e-5)
 
@@ -107,12 +107,12 @@ def test_generation_is_deterministic_conditioned_and_multi_step(tiny_dataset, ba
     with torch.no_grad():
         for p in m.parameters():
             p.add_(torch.randn(p.shape, generator=g) * 0.1)
-        one = m.encode_request(batch)["user"]
-        assert torch.equal(one, m.encode_request(batch)["user"])
+        one = m.encode_request(batch)["interest"]
+        assert torch.equal(one, m.encode_request(batch)["interest"])
         empty = m.generate(batch, torch.zeros_like(batch.hist_len))
         assert not torch.allclose(one, empty), "the history must condition the generation"
         m.cfg.denoise_steps = 10
-        ten = m.encode_request(batch)["user"]
+        ten = m.encode_request(batch)["interest"]
     assert not torch.allclose(one, ten)
     m.train()
     loss = m.generative_loss(batch)

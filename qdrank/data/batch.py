@@ -36,6 +36,7 @@ class Batch:
     hist_dense: torch.Tensor     # [R, L, Nb]
     hist_query: torch.Tensor     # [R, L, Qb] hashed ids of the query each behaviour came from
     hist_time: torch.Tensor      # [R, L] log2 bucket of (request time - behaviour time), 0 = pad
+    hist_age: torch.Tensor       # [R, L] float seconds from each behaviour to the request, 0 = pad
     hist_len: torch.Tensor       # [R] true history length
     cand_req: torch.Tensor       # [N] request row of each candidate
     cand_item: torch.Tensor      # [N] item rows

@@ -180,6 +180,7 @@ class RequestTable:
         hist_query = beh_query[idx] * valid[..., None]
         gap = self.req_ts[rows][:, None] - beh_ts[idx]
         hist_time = np.where(valid, time_bucket(gap, self.cfg.time_buckets), 0)
+        hist_age = np.where(valid, gap, 0).astype(np.float32)
 
         counts = self.imp_end[rows] - self.imp_start[rows]
         cand_req = np.repeat(np.arange(len(rows)), counts)
@@ -192,7 +193,7 @@ class RequestTable:
             ctx_sparse=t(self.ctx_sparse[rows]), ctx_dense=t(self.ctx_dense[rows]),
             query=t(self.query[rows]),
             hist_item=t(hist_item), hist_sparse=t(hist_sparse), hist_dense=t(hist_dense.astype(np.float32)),
-            hist_query=t(hist_query), hist_time=t(hist_time), hist_len=t(valid.sum(1).astype(np.int64)),
+            hist_query=t(hist_query), hist_time=t(hist_time), hist_age=t(hist_age), hist_len=t(valid.sum(1).astype(np.int64)),
             cand_req=t(cand_req.astype(np.int64)), cand_item=t(self.cand_item[cand]),
             cand_sparse=t(self.cand_sparse[cand]), cand_dense=t(self.cand_dense[cand]),
             position=t(self.position[cand]), click=t(self.click[cand]), purchase=t(self.purchase[cand]),

@@ -58,13 +58,12 @@ class DIEN(RankModel):
         self.aux_net = MLP(2 * d, (d,), out_dim=1)
         self.att = nn.Linear(d, d, bias=False)
         self.augru = AUGRUCell(d)
-        self.build_head(n_request_vectors=1, n_candidate_vectors=2)
+        self.build_head(n_candidate_vectors=1)
 
-    def encode_request(self, batch: Batch) -> RequestState:
+    def encode(self, batch: Batch) -> RequestState:
         e, mask = self.emb.history(batch), batch.hist_mask
         states = self.extractor(e)[0] * mask.unsqueeze(-1).to(e.dtype)            # [R, L, d]
-        q = self.emb.query(batch)
-        st: RequestState = {"req": torch.cat([q, self.profile(batch)], -1), "states": states, "mask": mask}
+        st: RequestState = {"states": states, "mask": mask, "tokens": e}
         if self.training and self.cfg.aux_weight > 0 and e.shape[1] > 1:
             st["aux_loss"] = self.cfg.aux_weight * self._aux_loss(states, e, mask)
         return st
@@ -79,13 +78,12 @@ class DIEN(RankModel):
         labels = torch.cat([torch.ones(len(h)), torch.zeros(len(h))]).to(logits)
         return F.binary_cross_entropy_with_logits(logits, labels)
 
-    def score(self, state: RequestState, batch: Batch):
-        c = self.emb.candidate(batch)
+    def candidate_vectors(self, state: RequestState, batch: Batch, c: torch.Tensor) -> list[torch.Tensor]:
+        """The evolved interest: AUGRU over the extractor states, gated by attention to ``c``."""
         r = batch.cand_req
         states, mask = state["states"][r], state["mask"][r]                        # [N, L, d], [N, L]
         att = masked_softmax(torch.bmm(states, self.att(c).unsqueeze(-1)).squeeze(-1), mask)
         h = torch.zeros_like(c)
         for t in range(states.shape[1]):
             h = torch.where(mask[:, t : t + 1], self.augru(states[:, t], h, att[:, t]), h)
-        x = self.head_input(batch, [state["req"]], [c, h])
-        return self.head(x)
+        return [h]

@@ -24,7 +24,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from qdrank.data.batch import Batch
-from qdrank.data.features import FeatureMap
 from qdrank.models.base import RequestState
 from qdrank.models.diffusion import DiffusionSchedule, fixed_noise, guided, timestep_embedding
 from qdrank.models.layers import MLP
@@ -46,8 +45,7 @@ class DreamRecConfig(SASRecConfig):
 class DreamRec(SASRec):
     config_class = DreamRecConfig
 
-    def __init__(self, fmap: FeatureMap, cfg: DreamRecConfig):
-        super().__init__(fmap, cfg)
+    def build_extra(self, cfg: DreamRecConfig) -> None:
         d = cfg.dim
         self.schedule = DiffusionSchedule.named(cfg.schedule, cfg.diffusion_steps)
         if not 1 <= cfg.denoise_steps <= cfg.diffusion_steps:
@@ -106,10 +104,9 @@ class DreamRec(SASRec):
         x0 = self.denoise(x_t, t, cond, batch, prev)
         return F.mse_loss(x0[has], target[has])
 
-    def encode_request(self, batch: Batch) -> RequestState:
+    def encode(self, batch: Batch) -> RequestState:
         oracle = self.generate(batch, batch.hist_len.clamp(0, batch.hist_mask.shape[1]))
-        q = self.emb.query(batch)
-        st: RequestState = {"req": torch.cat([oracle, q, self.profile(batch)], -1), "user": oracle}
+        st: RequestState = {"req": oracle, "interest": oracle}
         if self.training and self.cfg.gen_weight > 0:
             st["aux_loss"] = self.cfg.gen_weight * self.generative_loss(batch)
         return st

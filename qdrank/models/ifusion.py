@@ -12,14 +12,14 @@ Pipeline, per request (all inside :meth:`IFusion.encode_request`)::
     MARN:   x <- f_hat(x, t, g[k]) for the sessions k = 1..K in order (AR); NAR: one call, sessions pooled
     f_hat   = f_u + gamma_cp (f_cp - f_u) + gamma_tf (f_tf - f_u)                  eq. 14 (cfg: eq. 7)
     infer:  x_T = h^L (Algorithm 2), ``denoise_steps`` calls from T to 0 (1 = single step, default)
-    head:   [fused interest, query, profile] per request; [candidate, candidate * fused] per candidate
+    head:   the shared head (RankModel) with the fused interest as the model's request vector and
+            interest (crossed with the candidate), beside the query, profile and cross features
     loss:   CTR/CVR BCE + l1 L_Evol + l2 L_Dist + l3 L_cons                          eq. 18
 
 Where the paper is ambiguous, and what was chosen:
 
 * Sessions: a new session starts where two consecutive behaviours are more than ``session_gap``
-  seconds apart (the builder :func:`history_age` gives the model each behaviour's age; it is a
-  registered batch input, so no other file knows about it). ``session_gap: 0`` cuts the short
+  seconds apart (``Batch.hist_age`` holds each behaviour's age). ``session_gap: 0`` cuts the short
   window into K equal chunks instead. Only the most recent K sessions keep their own slot; older
   behaviours of the short window join the oldest slot. Sessions fill slots from the right (the
   most recent session is slot K-1).
@@ -45,13 +45,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from qdrank.config import ModelConfig
-from qdrank.data.batch import Batch, batch_input
+from qdrank.data.batch import Batch
 from qdrank.data.features import FeatureMap
 from qdrank.models.base import RankModel, RequestState
 from qdrank.models.diffusion import DiffusionSchedule, fixed_noise, guided, timestep_embedding
@@ -110,19 +109,6 @@ def validate_config(cfg: IFusionConfig) -> None:
         raise ValueError(f"model.heads={cfg.heads} must divide model.dim={cfg.dim}")
 
 
-@batch_input("hist_age")
-def history_age(ds, rows: np.ndarray, cand: np.ndarray) -> np.ndarray:
-    """Seconds between each history behaviour and its request, aligned with ``Batch.hist_item``."""
-    L = ds.cfg.max_history
-    hs, he = ds.hist_start[rows], ds.hist_end[rows]
-    idx = hs[:, None] + np.arange(L)[None, :]
-    valid = idx < he[:, None]
-    if len(ds.beh_ts) == 0:
-        return np.zeros((len(rows), L), dtype=np.float32)
-    age = ds.req_ts[rows][:, None] - ds.beh_ts[np.where(valid, idx, 0)]
-    return np.where(valid, age, 0).astype(np.float32)
-
-
 def session_slots(hist_len: torch.Tensor, L: int, short_len: int, k: int, age: torch.Tensor | None,
                   gap: int) -> torch.Tensor:
     """[R, L] session slot (0..k-1, most recent = k-1) of each short-window token; -1 elsewhere."""
@@ -151,7 +137,6 @@ class IFusion(RankModel):
         validate_config(cfg)
         super().__init__(fmap, cfg)
         d = cfg.dim
-        self.extra_inputs = ("hist_age",) if cfg.session_gap > 0 else ()
         self.long_query = nn.Parameter(torch.zeros(d))
         self.long_q_proj = nn.Linear(d, d)
         self.long_attn = MultiHeadTargetAttention(d, cfg.heads, cfg.dropout)
@@ -167,7 +152,7 @@ class IFusion(RankModel):
         self.register_buffer("reverse_noise", fixed_noise(cfg.diffusion_steps + 1, d, REVERSE_NOISE_SEED),
                              persistent=False)
         self.denoise_steps = cfg.denoise_steps
-        self.build_head(n_request_vectors=2, n_candidate_vectors=2)
+        self.build_head(n_request_vectors=1, interest=True)
 
     # ---- interests ------------------------------------------------------------------------------
     def long_term(self, tokens: torch.Tensor, mask: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -247,17 +232,17 @@ class IFusion(RankModel):
         return x0
 
     # ---- RankModel ------------------------------------------------------------------------------
-    def encode_request(self, batch: Batch) -> RequestState:
+    def encode(self, batch: Batch) -> RequestState:
         c = self.cfg
         tokens, mask = self.emb.history(batch), batch.hist_mask
         q = self.emb.query(batch)
         slots = session_slots(batch.hist_len, mask.shape[1], c.short_len, c.sessions,
-                              batch.extra.get("hist_age"), c.session_gap)
+                              batch.hist_age, c.session_gap)
         long_mask = mask & (slots < 0) & (torch.arange(mask.shape[1], device=mask.device)[None]
                                           < (batch.hist_len - c.short_len).clamp_min(0)[:, None])
         h_long = self.long_term(tokens, long_mask, q)
         g_cp, g_tf, interest, valid = self.guidance(tokens, slots)
-        state: RequestState = {"query": q}
+        state: RequestState = {"tokens": tokens}
         if self.training:
             R = h_long.shape[0]
             t = self.schedule.sample_t(R, h_long.device)
@@ -281,11 +266,5 @@ class IFusion(RankModel):
             state["aux_loss"] = aux
         else:
             fused = self.denoise(h_long, g_cp, g_tf, valid)
-        state["fused"] = fused
-        state["req"] = torch.cat([fused, q, self.profile(batch)], -1)
+        state["fused"] = state["req"] = state["interest"] = fused
         return state
-
-    def score(self, state: RequestState, batch: Batch):
-        cand = self.emb.candidate(batch)
-        x = self.head_input(batch, [state["req"]], [cand, cand * state["fused"][batch.cand_req]])
-        return self.head(x)

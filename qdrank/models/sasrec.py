@@ -54,7 +54,11 @@ class SASRec(RankModel):
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(TransformerBlock(d, cfg.heads, cfg.dropout) for _ in range(cfg.layers))
         self.ln = nn.LayerNorm(d)
+        self.build_extra(cfg)
         self.build_head(n_request_vectors=1, interest=True)
+
+    def build_extra(self, cfg: SASRecConfig) -> None:
+        """Layers a subclass adds (built before the head, so the head's width never shifts their init)."""
 
     def sequence(self, batch: Batch, add: torch.Tensor | None = None, length: torch.Tensor | None = None,
                  tokens: torch.Tensor | None = None) -> torch.Tensor:

@@ -47,23 +47,20 @@ class SDIM(RankModel):
             raise ValueError(f"model.hashes must be >= 1 and model.bits in 1..16, got {cfg.hashes}, {cfg.bits}")
         g = torch.Generator().manual_seed(HASH_SEED)
         self.register_buffer("planes", torch.randn(cfg.hashes, cfg.dim, cfg.bits, generator=g))
-        self.build_head(n_request_vectors=2, n_candidate_vectors=2)
+        self.build_head(n_request_vectors=1, n_candidate_vectors=1)
 
-    def encode_request(self, batch: Batch) -> RequestState:
+    def encode(self, batch: Batch) -> RequestState:
         hist, mask = self.emb.history(batch), batch.hist_mask
-        q = self.emb.query(batch)
-        return {"req": torch.cat([q, masked_mean(hist, mask, 1), self.profile(batch)], -1), "hist": hist,
-                "mask": mask, "codes": bucket_codes(hist, self.planes)}
+        return {"req": masked_mean(hist, mask, 1), "tokens": hist, "mask": mask,
+                "codes": bucket_codes(hist, self.planes)}
 
     def interest(self, state: RequestState, batch: Batch, c: torch.Tensor) -> torch.Tensor:
         """[N, d]: per hash, the mean of the behaviours in the candidate's bucket; averaged, normalised."""
         r = batch.cand_req
         same = (state["codes"][r] == bucket_codes(c, self.planes)[:, None, :]) & state["mask"][r][..., None]
         w = same.to(c.dtype)                                                        # [N, L, m]
-        per_hash = torch.einsum("nlm,nld->nmd", w, state["hist"][r]) / w.sum(1).clamp_min(1.0)[..., None]
+        per_hash = torch.einsum("nlm,nld->nmd", w, state["tokens"][r]) / w.sum(1).clamp_min(1.0)[..., None]
         return F.normalize(per_hash.mean(1), dim=-1)
 
-    def score(self, state: RequestState, batch: Batch):
-        c = self.emb.candidate(batch)
-        x = self.head_input(batch, [state["req"]], [c, self.interest(state, batch, c)])
-        return self.head(x)
+    def candidate_vectors(self, state: RequestState, batch: Batch, c: torch.Tensor) -> list[torch.Tensor]:
+        return [self.interest(state, batch, c)]

@@ -35,7 +35,8 @@ import numpy as np
 import torch
 
 from qdrank.config import DataConfig, RunConfig
-from qdrank.data.dataset import BEHAVIOR_QUERY_TOKENS, Batch, time_bucket
+from qdrank.data.batch import TENSOR_FIELDS, Batch
+from qdrank.data.dataset import BEHAVIOR_QUERY_TOKENS, time_bucket
 from qdrank.data.features import Feature, FeatureMap, canonical_key
 from qdrank.serving.schemas import (
     NUMBER_RE,
@@ -289,6 +290,7 @@ class RequestEncoder:
         hist_dense = np.zeros((1, L, len(self.numeric["behavior"])), dtype=np.float32)
         hist_query = np.zeros((1, L, BEHAVIOR_QUERY_TOKENS), dtype=np.int64)
         hist_time = np.zeros((1, L), dtype=np.int64)
+        hist_age = np.zeros((1, L), dtype=np.float32)
         unknown_hist = 0
         if n:
             rows = self.item_rows([h["item_id"] for h in hist])
@@ -302,6 +304,7 @@ class RequestEncoder:
                     hist_query[0, j] = self.text(q, BEHAVIOR_QUERY_TOKENS)
             gaps = ts - np.fromiter((h["timestamp"] for h in hist), dtype=np.int64, count=n)
             hist_time[0, :n] = time_bucket(gaps, self.fmap.time_buckets)
+            hist_age[0, :n] = np.maximum(gaps, 0)
 
         # candidates
         cands = req["candidates"]
@@ -315,7 +318,8 @@ class RequestEncoder:
             request_id=torch.zeros(1, dtype=torch.long),
             user_sparse=t(user_sp), user_dense=t(user_de), ctx_sparse=t(ctx_sp), ctx_dense=t(ctx_de),
             query=t(query), hist_item=t(hist_item), hist_sparse=t(hist_sparse), hist_dense=t(hist_dense),
-            hist_query=t(hist_query), hist_time=t(hist_time), hist_len=torch.tensor([n], dtype=torch.long),
+            hist_query=t(hist_query), hist_time=t(hist_time), hist_age=t(hist_age),
+            hist_len=torch.tensor([n], dtype=torch.long),
             cand_req=torch.zeros(N, dtype=torch.long), cand_item=t(cand_item), cand_sparse=t(cand_sp),
             cand_dense=t(cand_de), position=torch.zeros(N, dtype=torch.long), click=torch.zeros(N),
             purchase=torch.full((N,), -1.0),
@@ -328,10 +332,9 @@ def concat_batches(batches: list[Batch]) -> Batch:
     if len(batches) == 1:
         return batches[0]
     out: dict[str, torch.Tensor] = {}
-    for name in ("request_id", "user_sparse", "user_dense", "ctx_sparse", "ctx_dense", "query", "hist_item",
-                 "hist_sparse", "hist_dense", "hist_query", "hist_time", "hist_len", "cand_item", "cand_sparse",
-                 "cand_dense", "position", "click", "purchase"):
-        out[name] = torch.cat([getattr(b, name) for b in batches])
+    for name in TENSOR_FIELDS:
+        if name != "cand_req":
+            out[name] = torch.cat([getattr(b, name) for b in batches])
     out["request_id"] = torch.arange(len(batches))
     out["cand_req"] = torch.cat([torch.full((b.cand_item.shape[0],), i, dtype=torch.long)
                                  for i, b in enumerate(batches)])
