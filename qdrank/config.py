@@ -43,6 +43,12 @@ class TrainConfig:
     num_threads: int = 0           # 0 = torch default
     max_steps_per_epoch: int = 0   # 0 = full epoch (a budget knob for quick runs)
     progress: bool = True
+    # training-step speed switches (README "Training throughput"; qdrank/training/optim.py)
+    embedding_optimizer: str = "adam"  # dense (Adam on the whole table) | adam (row-wise lazy) | rowwise_adagrad
+    embedding_lr: float = 0.0      # learning rate of the row-wise table optimizer; 0 = lr
+    autocast: str = "none"         # none | bf16: bf16 autocast, fp32 master weights
+    compile: bool = False          # torch.compile the model's forward
+    prefetch: int = 2              # batches built ahead in a background thread; 0 = inline
 
 
 @dataclass

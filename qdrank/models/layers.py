@@ -41,6 +41,14 @@ class FeatureEmbedder(nn.Module):
     One shared embedding table holds every sparse feature (see :mod:`qdrank.data.features`).
     Item side features live in buffers indexed by item row, so an item is embedded the same way
     whether it is a candidate or a history behaviour, and checkpoints carry them.
+
+    Two paths compute the same function (to float rounding). The fast path (``fast = True``, the
+    default) embeds each distinct item of a batch once, history and candidates together, then
+    gathers; every sum or mean of ids is one fused ``embedding_bag`` with per-id weights (0 for
+    padding, 1/n in an n-id list), so a behaviour token costs one bag instead of a gather per
+    field. The reference path (``fast = False``) looks up every slot and pools per field.
+    ``sparse_grad`` makes the table's gradient row-sparse (for the row-wise optimizers of
+    :mod:`qdrank.training.optim`); padding id 0 never receives a gradient on either path.
     """
 
     def __init__(self, fmap: FeatureMap, dim: int):
@@ -59,6 +67,16 @@ class FeatureEmbedder(nn.Module):
         self.time = nn.Embedding(fmap.time_buckets + 1, dim, padding_idx=0)
         self._layout = {r: [(s, w) for _, s, w in fmap.slot_layout(r)] for r in
                         ("user", "context", "candidate", "item", "behavior")}
+        self.fast = True
+        self._items_cache: tuple | None = None
+
+    @property
+    def sparse_grad(self) -> bool:
+        return self.table.sparse
+
+    @sparse_grad.setter
+    def sparse_grad(self, on: bool) -> None:
+        self.table.sparse = bool(on)
 
     def set_item_tables(self, sparse, dense) -> None:
         with torch.no_grad():
@@ -68,8 +86,75 @@ class FeatureEmbedder(nn.Module):
     def n_fields(self, role: str) -> int:
         return len(self._layout[role]) + (1 if role in self.dense else 0)
 
+    # ---- fused lookups (fast path) -------------------------------------------------------
+    def _weights(self, role: str | None, ids: torch.Tensor) -> torch.Tensor:
+        """Per-id pooling weights [..., S]: 1 for a present id, 1/n for each of n ids of a list
+        field (``role=None``: the whole row is one list, as for a query), 0 for padding."""
+        w = (ids > 0).to(self.table.weight.dtype)
+        spans = [(0, ids.shape[-1])] if role is None else [(s, n) for s, n in self._layout[role] if n > 1]
+        for start, width in spans:
+            seg = w[..., start:start + width]
+            w[..., start:start + width] = seg / seg.sum(-1, keepdim=True).clamp_min(1.0)
+        return w
+
+    @torch.compiler.disable  # torch 2.13's inductor fails on embedding_bag's sparse backward
+    def _bag(self, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """``sum_k weights[..., k] * table[ids[..., k]]`` -> [..., dim], one fused EmbeddingBag.
+
+        No ``padding_idx``: padding carries weight 0, so row 0 gets an exact zero gradient, and
+        the backward pass skips the padding bookkeeping (measured faster on CPU)."""
+        lead, k = ids.shape[:-1], ids.shape[-1]
+        if k == 0:
+            return self.table.weight.new_zeros(*lead, self.dim)
+        out = F.embedding_bag(ids.reshape(-1, k), self.table.weight, mode="sum", sparse=self.sparse_grad,
+                              per_sample_weights=weights.reshape(-1, k))
+        return out.view(*lead, self.dim)
+
+    def _pooled(self, role: str, ids: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+        """Sum of a role's feature vectors [..., dim] (= ``fields(...).sum(-2)``), fused."""
+        x = self._bag(ids, self._weights(role, ids))
+        return x + self.dense[role](dense) if role in self.dense else x
+
+    def _item_vectors(self, rows: torch.Tensor) -> torch.Tensor:
+        """Item rows [U] -> [U, dim] (zero for padding rows), fused."""
+        v = self._pooled("item", self.item_sparse[rows], self.item_dense[rows])
+        return v * (rows > 0).unsqueeze(-1).to(v.dtype)
+
+    def _batch_items(self, b: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(history item vectors [R, L, dim], candidate item vectors [N, dim]), each distinct
+        item of the batch embedded once. Kept until both halves are used by the same forward
+        pass; the key holds the batch's tensors themselves and the weights' version counters,
+        so another batch, an optimizer step or a grad-mode change never sees stale vectors."""
+        weights = [self.table.weight, self.item_sparse, self.item_dense,
+                   *(self.dense["item"].parameters() if "item" in self.dense else ())]
+        key = (b.hist_item, b.cand_item, torch.is_grad_enabled(), *(t._version for t in weights))
+        c = self._items_cache
+        if c is not None and c[0][0] is key[0] and c[0][1] is key[1] and c[0][2:] == key[2:]:
+            return c[1], c[2]
+        rows = torch.cat([b.hist_item.reshape(-1), b.cand_item])
+        uniq, inv = torch.unique(rows, return_inverse=True)
+        vec = self._item_vectors(uniq)[inv]
+        n_hist = b.hist_item.numel()
+        out = (vec[:n_hist].view(*b.hist_item.shape, self.dim), vec[n_hist:])
+        self._items_cache = (key, *out)
+        return out
+
+    def _used_items(self) -> None:
+        """Drop the batch's item vectors once history and candidates both took theirs."""
+        if self._items_cache is not None:
+            if len(self._items_cache) == 4:
+                self._items_cache = None
+            else:
+                self._items_cache = (*self._items_cache, True)
+
+    # ---- per-field vectors (both paths) ----------------------------------------------------
     def fields(self, role: str, ids: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
         """[..., S] ids + [..., N] dense -> [..., F, dim]: one vector per feature (lists mean-pooled)."""
+        if self.fast and ids.shape[-1] and all(w == 1 for _, w in self._layout[role]):
+            emb = self._bag(ids.unsqueeze(-1), (ids > 0).to(self.table.weight.dtype).unsqueeze(-1))
+            if role in self.dense:
+                emb = torch.cat([emb, self.dense[role](dense).unsqueeze(-2)], dim=-2)
+            return emb
         emb = self.table(ids)
         out = []
         for start, width in self._layout[role]:
@@ -85,6 +170,8 @@ class FeatureEmbedder(nn.Module):
 
     def text(self, ids: torch.Tensor) -> torch.Tensor:
         """Hashed token ids [..., T] -> mean of their embeddings [..., dim]."""
+        if self.fast:
+            return self._bag(ids, self._weights(None, ids))
         return masked_mean(self.table(ids), ids > 0, -2)
 
     def item_fields(self, rows: torch.Tensor) -> torch.Tensor:
@@ -92,6 +179,8 @@ class FeatureEmbedder(nn.Module):
 
     def item(self, rows: torch.Tensor) -> torch.Tensor:
         """Item rows [...] -> [..., dim]: id + side features, summed (zero for padding rows)."""
+        if self.fast:
+            return self._item_vectors(rows.reshape(-1)).view(*rows.shape, self.dim)
         v = self.item_fields(rows).sum(-2)
         return v * (rows > 0).unsqueeze(-1).to(v.dtype)
 
@@ -106,15 +195,29 @@ class FeatureEmbedder(nn.Module):
 
     def history(self, b: Batch) -> torch.Tensor:
         """Behaviour tokens [R, L, dim]: item + behaviour features (action...) + its query + time gap."""
-        x = self.item(b.hist_item)
-        beh = self.fields("behavior", b.hist_sparse, b.hist_dense)
-        if beh.shape[-2]:
-            x = x + beh.sum(-2)
-        x = x + self.text(b.hist_query) + self.time(b.hist_time)
+        if self.fast:
+            x = self._batch_items(b)[0]
+            self._used_items()
+            ids = torch.cat([b.hist_sparse, b.hist_query], -1)
+            w = torch.cat([self._weights("behavior", b.hist_sparse), self._weights(None, b.hist_query)], -1)
+            x = x + self._bag(ids, w)
+            if "behavior" in self.dense:
+                x = x + self.dense["behavior"](b.hist_dense)
+        else:
+            x = self.item(b.hist_item)
+            beh = self.fields("behavior", b.hist_sparse, b.hist_dense)
+            if beh.shape[-2]:
+                x = x + beh.sum(-2)
+            x = x + self.text(b.hist_query)
+        x = x + self.time(b.hist_time)
         return x * b.hist_mask.unsqueeze(-1).to(x.dtype)
 
     def candidate(self, b: Batch) -> torch.Tensor:
         """Candidate vectors [N, dim]: the item plus the impression's own features (price shown...)."""
+        if self.fast:
+            x = self._batch_items(b)[1]
+            self._used_items()
+            return x + self._pooled("candidate", b.cand_sparse, b.cand_dense) if self.n_fields("candidate") else x
         x = self.item(b.cand_item)
         c = self.fields("candidate", b.cand_sparse, b.cand_dense)
         return x + c.sum(-2) if c.shape[-2] else x

@@ -16,13 +16,16 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from qdrank.config import RunConfig
+from qdrank.config import RunConfig, TrainConfig
+from qdrank.data.batch import Batch
 from qdrank.data.dataset import SearchLogDataset
 from qdrank.data.shards import ShardedDataset
 from qdrank.evaluation.evaluate import evaluate, selection_metric
 from qdrank.models.base import RankModel
 from qdrank.models.registry import model_class
 from qdrank.training import checkpoint as ckpt
+from qdrank.training.optim import build_optimizer, clip_grad_norm
+from qdrank.training.prefetch import prefetch
 from qdrank.utils.io import to_jsonable
 from qdrank.utils.runtime import init_distributed, resolve_device, seed_everything
 
@@ -32,6 +35,40 @@ def build_model(cfg: RunConfig, ds: SearchLogDataset | ShardedDataset) -> RankMo
     model = model_class(cfg.model_name)(ds.fmap, cfg.model)
     model.emb.set_item_tables(*ds.item_tables())
     return model
+
+
+AUTOCAST = {"none": None, "bf16": torch.bfloat16}
+
+
+class TrainStep:
+    """The inner step (forward, loss, backward, clip, update) with TrainConfig's speed switches:
+    bf16 autocast (fp32 master weights), ``torch.compile`` of the forward, and the optimizer of
+    :func:`qdrank.training.optim.build_optimizer` (row-sparse table gradients unless ``net`` is
+    data-parallel). Shared by :class:`Trainer` and ``benchmarks/bench_train.py``."""
+
+    def __init__(self, model: RankModel, t: TrainConfig, device: torch.device, data_parallel: bool = False):
+        if t.autocast not in AUTOCAST:
+            raise ValueError(f"train.autocast={t.autocast!r}; choose one of: {', '.join(AUTOCAST)}")
+        self.model, self.t, self.device = model, t, device
+        self.optimizer = build_optimizer(model, t, sparse_grad=not data_parallel)
+        self.set_net(model)
+
+    def set_net(self, net: torch.nn.Module) -> None:
+        """The module to call forward on (the model, or its DistributedDataParallel wrapper)."""
+        self.forward = torch.compile(net, dynamic=True) if self.t.compile else net
+
+    def __call__(self, b: Batch) -> torch.Tensor:
+        """One update on batch ``b``; returns the detached loss."""
+        dtype = AUTOCAST[self.t.autocast]
+        with torch.autocast(self.device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+            out = self.forward(b)
+            loss, _ = self.model.loss(b, out, self.t.cvr_weight)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.t.grad_clip > 0:
+            clip_grad_norm(self.model.parameters(), self.t.grad_clip)
+        self.optimizer.step()
+        return loss.detach()
 
 
 class Trainer:
@@ -44,7 +81,8 @@ class Trainer:
         self.device = resolve_device(t.device)
         self.ctx = init_distributed(self.device)
         self.model = build_model(cfg, ds).to(self.device)
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+        self.step = TrainStep(self.model, t, self.device, data_parallel=self.ctx.world > 1)
+        self.optimizer = self.step.optimizer
         self.start_epoch, self.best, self.best_epoch, self.bad_epochs = 0, -1.0, -1, 0
         state_file = self.run_dir / ckpt.STATE_DIR / ckpt.STATE_JSON
         if state_file.exists() and not resume:
@@ -63,6 +101,7 @@ class Trainer:
             self.net = torch.nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 find_unused_parameters=True)
+            self.step.set_net(self.net)
 
     def fit(self) -> dict:
         cfg, t, ds = self.cfg, self.cfg.train, self.ds
@@ -84,15 +123,9 @@ class Trainer:
             t0, n_seen, loss_sum = time.perf_counter(), 0, 0.0
             bar = tqdm(batches, desc=f"epoch {epoch + 1}/{t.max_epochs}", disable=not (t.progress and self.ctx.main),
                        unit="batch", dynamic_ncols=True)
-            for b in bar:
+            for b in prefetch(bar, t.prefetch):  # batches are built in a worker thread, in order
                 b = b.to(self.device)
-                out = self.net(b)
-                loss, _ = self.model.loss(b, out, t.cvr_weight)
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if t.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
-                self.optimizer.step()
+                loss = self.step(b)
                 n_seen += len(b.click)
                 loss_sum += float(loss.detach()) * len(b.click)
                 bar.set_postfix(loss=f"{loss_sum / n_seen:.4f}",

@@ -1,0 +1,255 @@
+"""Training-throughput switches (issue #9 item 1): each fast path computes what the reference
+path computes, and a fixed-seed run keeps its test GAUC."""
+
+from __future__ import annotations
+
+import copy
+import threading
+
+import pytest
+import torch
+from conftest import tiny_config
+
+from qdrank.models.registry import available_models
+from qdrank.training.optim import (
+    CombinedOptimizer,
+    RowWiseAdagrad,
+    RowWiseAdam,
+    build_optimizer,
+    clip_grad_norm,
+)
+from qdrank.training.prefetch import prefetch
+from qdrank.training.trainer import Trainer, build_model
+
+
+def _batch(ds, model, n=300):
+    rows = ds.batch_rows("train", n, shuffle=True, seed=1)[0]
+    return ds.make_batch(rows, model.extra_inputs)
+
+
+def _grads(model) -> dict[str, torch.Tensor]:
+    return {k: (p.grad.to_dense() if p.grad.is_sparse else p.grad).clone()
+            for k, p in model.named_parameters() if p.grad is not None}
+
+
+# ---- fused / unique-item embedding ---------------------------------------------------------
+def test_unique_item_embedding_equals_direct_lookup(tiny_dataset):
+    """History and candidate item vectors from the per-batch unique-item table equal a direct
+    per-position lookup bit for bit; their gradients agree up to float summation order."""
+    _, ds = tiny_dataset
+    model = build_model(tiny_config("dnn"), ds)
+    emb = model.emb
+    b = _batch(ds, model)
+    assert len(torch.unique(torch.cat([b.hist_item.flatten(), b.cand_item]))) < b.hist_item.numel()
+    w_h, w_c = torch.randn(*b.hist_item.shape, emb.dim), torch.randn(len(b.cand_item), emb.dim)
+    results = []
+    for unique in (True, False):
+        model.zero_grad()
+        if unique:
+            h, c = emb._batch_items(b)
+        else:
+            h, c = emb.item(b.hist_item), emb.item(b.cand_item)
+        ((h * w_h).sum() + (c * w_c).sum()).backward()
+        results.append((h.detach(), c.detach(), _grads(model)))
+    (h1, c1, g1), (h2, c2, g2) = results
+    assert torch.equal(h1, h2) and torch.equal(c1, c2)
+    assert (h1[b.hist_item == 0] == 0).all()
+    assert g1.keys() == g2.keys() and g1
+    for k in g1:
+        scale = float(g2[k].abs().max())
+        torch.testing.assert_close(g1[k], g2[k], rtol=1e-5, atol=1e-6 * scale, msg=lambda m, k=k: f"{k}: {m}")
+
+
+def test_item_cache_never_serves_another_batch_or_stale_weights(tiny_dataset):
+    _, ds = tiny_dataset
+    model = build_model(tiny_config("dnn"), ds)
+    emb = model.emb
+    b1, b2 = _batch(ds, model), ds.make_batch(ds.batch_rows("train", 300, shuffle=True, seed=2)[0])
+    h1 = emb.history(b1)  # leaves b1's candidate half cached
+    assert emb._items_cache is not None
+    torch.testing.assert_close(emb.candidate(b2), emb.item(b2.cand_item) + emb._pooled(
+        "candidate", b2.cand_sparse, b2.cand_dense))
+    emb.history(b1)
+    with torch.no_grad():
+        emb.table.weight.mul_(2.0)  # an optimizer step between the two halves
+    c_after = emb.candidate(b1)
+    emb.fast = False
+    torch.testing.assert_close(c_after, emb.candidate(b1))
+    assert h1.shape == (b1.n_requests, b1.hist_item.shape[1], emb.dim)
+
+
+@pytest.mark.parametrize("name", list(available_models()))
+def test_fast_embedding_computes_the_reference_function(tiny_dataset, name):
+    """Every model: fused path == reference path (logits and every gradient), dropout off."""
+    _, ds = tiny_dataset
+    model = build_model(tiny_config(name, "model.dropout=0"), ds)
+    model.train()
+    b = _batch(ds, model)
+    outs = []
+    for fast in (False, True):
+        model.emb.fast = fast
+        model.zero_grad()
+        torch.manual_seed(0)  # models that draw noise in training (DiffusionGS) draw the same
+        out = model(b)
+        model.loss(b, out)[0].backward()
+        outs.append((out.ctr_logit.detach(), _grads(model)))
+    torch.testing.assert_close(outs[0][0], outs[1][0], rtol=1e-5, atol=1e-5)
+    scale = max(g.abs().max() for g in outs[0][1].values())
+    for k, g in outs[0][1].items():
+        torch.testing.assert_close(outs[1][1][k], g, rtol=1e-4, atol=1e-6 * float(scale), msg=k)
+
+
+# ---- row-wise sparse optimizers --------------------------------------------------------------
+def _sparse_step(opt, table, rows, grad_rows, dense=False):
+    g = torch.zeros_like(table) if dense else None
+    if dense:
+        g[rows] = grad_rows
+        table.grad = g
+    else:
+        table.grad = torch.sparse_coo_tensor(rows[None], grad_rows, table.shape)
+    opt.step()
+
+
+@pytest.mark.parametrize("cls", [RowWiseAdam, RowWiseAdagrad])
+def test_rowwise_optimizer_updates_only_touched_rows(cls):
+    torch.manual_seed(0)
+    table = torch.nn.Parameter(torch.randn(10, 4))
+    before = table.detach().clone()
+    opt = cls([table], lr=0.1, weight_decay=0.01)
+    rows = torch.tensor([1, 3, 3, 7])  # duplicate ids are summed, as the embedding backward emits them
+    _sparse_step(opt, table, rows, torch.randn(4, 4))
+    moved = (table.detach() != before).any(1)
+    assert moved.tolist() == [i in (1, 3, 7) for i in range(10)]
+
+
+def test_rowwise_adam_matches_dense_adam_on_touched_rows():
+    """Rows touched at every step follow torch.optim.Adam exactly; dense-grad input (data
+    parallel) gives the same result as row-sparse input."""
+    torch.manual_seed(0)
+    init = torch.randn(6, 3)
+    rows = torch.tensor([0, 2, 5])
+    grads = [torch.randn(3, 3) for _ in range(5)]
+    ref = torch.nn.Parameter(init[rows].clone())
+    ref_opt = torch.optim.Adam([ref], lr=0.05, weight_decay=0.1)
+    for g in grads:
+        ref.grad = g.clone()
+        ref_opt.step()
+    for dense in (False, True):
+        table = torch.nn.Parameter(init.clone())
+        opt = RowWiseAdam([table], lr=0.05, weight_decay=0.1)
+        for g in grads:
+            _sparse_step(opt, table, rows, g.clone(), dense=dense)
+        torch.testing.assert_close(table.detach()[rows], ref.detach(), rtol=1e-6, atol=1e-7)
+        assert torch.equal(table.detach()[[1, 3, 4]], init[[1, 3, 4]])
+
+
+def test_rowwise_adagrad_of_width_one_is_adagrad():
+    """With one column, the row mean of g^2 is g^2: row-wise Adagrad == torch.optim.Adagrad."""
+    torch.manual_seed(0)
+    init = torch.randn(5, 1)
+    ref = torch.nn.Parameter(init.clone())
+    ref_opt = torch.optim.Adagrad([ref], lr=0.1, eps=1e-8)
+    table = torch.nn.Parameter(init.clone())
+    opt = RowWiseAdagrad([table], lr=0.1, eps=1e-8)
+    for _ in range(4):
+        g = torch.randn(5, 1)
+        ref.grad = g.clone()
+        ref_opt.step()
+        _sparse_step(opt, table, torch.arange(5), g.clone())
+    torch.testing.assert_close(table.detach(), ref.detach(), rtol=1e-6, atol=1e-7)
+
+
+def test_clip_grad_norm_takes_sparse_grads():
+    torch.manual_seed(0)
+    a, b = torch.nn.Parameter(torch.randn(8, 3)), torch.nn.Parameter(torch.randn(4))
+    rows, vals, gb = torch.tensor([1, 5, 1]), torch.randn(3, 3), torch.randn(4)
+    a.grad, b.grad = torch.sparse_coo_tensor(rows[None], vals, a.shape), gb.clone()
+    a2, b2 = torch.nn.Parameter(a.detach().clone()), torch.nn.Parameter(b.detach().clone())
+    a2.grad, b2.grad = a.grad.to_dense(), gb.clone()
+    n1 = clip_grad_norm([a, b], 0.5)
+    n2 = torch.nn.utils.clip_grad_norm_([a2, b2], 0.5)
+    torch.testing.assert_close(n1, n2)
+    torch.testing.assert_close(a.grad.to_dense(), a2.grad)
+    torch.testing.assert_close(b.grad, b2.grad)
+
+
+def test_combined_optimizer_state_round_trip(tiny_dataset):
+    """Saved and reloaded (as checkpoints do), the optimizer continues exactly."""
+    _, ds = tiny_dataset
+    cfg = tiny_config("dnn", "model.dropout=0")
+    torch.manual_seed(0)
+    m1 = build_model(cfg, ds)
+    o1 = build_optimizer(m1, cfg.train)
+    assert isinstance(o1, CombinedOptimizer) and m1.emb.sparse_grad
+    b = _batch(ds, m1)
+
+    def step(m, o):
+        o.zero_grad()
+        m.loss(b, m(b))[0].backward()
+        clip_grad_norm(m.parameters(), 5.0)
+        o.step()
+
+    step(m1, o1)
+    m2 = build_model(cfg, ds)
+    m2.load_state_dict(m1.state_dict())
+    o2 = build_optimizer(m2, cfg.train)
+    o2.load_state_dict(copy.deepcopy(o1.state_dict()))  # a checkpoint holds copies
+    step(m1, o1)
+    step(m2, o2)
+    for (k, p1), p2 in zip(m1.state_dict().items(), m2.state_dict().values()):
+        assert torch.equal(p1, p2), k
+
+
+def test_unknown_embedding_optimizer_is_a_clear_error(tiny_dataset):
+    _, ds = tiny_dataset
+    cfg = tiny_config("dnn", "train.embedding_optimizer=sgd")
+    with pytest.raises(ValueError, match="train.embedding_optimizer='sgd'"):
+        build_optimizer(build_model(cfg, ds), cfg.train)
+
+
+# ---- prefetching ----------------------------------------------------------------------------
+def test_prefetch_yields_the_same_batches_in_order(tiny_dataset):
+    _, ds = tiny_dataset
+    groups = ds.batch_rows("train", 400, shuffle=True, seed=5)
+    inline = [ds.make_batch(g) for g in groups]
+    ahead = list(prefetch((ds.make_batch(g) for g in groups), depth=3))
+    assert len(ahead) == len(inline) > 3
+    for x, y in zip(inline, ahead):
+        assert all(torch.equal(getattr(x, f), getattr(y, f)) for f in ("request_id", "hist_item", "cand_item",
+                                                                        "click", "cand_dense", "query"))
+
+
+def test_prefetch_raises_producer_errors_and_stops_early():
+    def items():
+        yield 1
+        yield 2
+        raise KeyError("bad row")
+
+    it = prefetch(items(), depth=2)
+    assert [next(it), next(it)] == [1, 2]
+    with pytest.raises(KeyError, match="bad row"):
+        next(it)
+    n_threads = threading.active_count()
+    gen = prefetch(iter(range(10_000)), depth=2)
+    assert next(gen) == 0
+    gen.close()  # consumer stops: the worker ends instead of filling a queue forever
+    assert threading.active_count() <= n_threads
+
+
+# ---- metrics hold ---------------------------------------------------------------------------
+GAUC_TOLERANCE = 0.02  # the spread of this run's test GAUC over seeds is about as wide (see README)
+
+
+def test_fast_path_keeps_test_gauc(tiny_dataset, tmp_path):
+    """A fixed-seed short run: the fast path's test GAUC is within GAUC_TOLERANCE of the
+    reference path's (dense Adam on the whole table, unfused lookups, inline batches)."""
+    _, ds = tiny_dataset
+    res = {}
+    for path in ("reference", "fast"):
+        extra = (["train.embedding_optimizer=dense", "train.prefetch=0"] if path == "reference" else [])
+        tr = Trainer(tiny_config("dnn", "train.max_epochs=3", "train.patience=3", "train.lr=0.003", *extra),
+                     ds, tmp_path / path, log=lambda m: None)
+        tr.model.emb.fast = path == "fast"
+        res[path] = tr.fit()["test"]["ctr_gauc"]
+    assert res["reference"] > 0.55, res
+    assert abs(res["fast"] - res["reference"]) <= GAUC_TOLERANCE, res
