@@ -10,8 +10,9 @@ Setting (issue #9): 2 threads, batches of ~1,024 impressions (whole requests), h
 interleaved in blocks of --block steps, --rounds times, on the same batches, after a warm-up
 block, so machine load drifts hit every variant alike. A variant's figure is the median over
 rounds of impressions / wall time of its block, batch building included (that is what
-``train.prefetch`` hides). Compare ratios measured in one run; absolute figures are
-machine-dependent.
+``train.prefetch`` hides); impressions per process-CPU-second are reported beside it, as they
+suffer less when other processes share the cores. Compare ratios measured in one run; absolute
+figures are machine-dependent.
 
 Switches (reference value -> fast value):
   fused     ``model.emb.fast``: unique items once per batch + fused EmbeddingBags (False -> True)
@@ -52,9 +53,10 @@ TOGGLES = {"fused": ("fused", True), "sparse": ("embedding_optimizer", "adam"), 
 
 
 def variants(ablate: bool, extra: list[str]) -> dict[str, dict]:
-    """reference, fast, and with --ablate: reference + each switch alone, fast + bf16/compile/nodrop."""
+    """reference, fast, and with --ablate: reference + each default switch alone, fast + bf16 / nodrop
+    (``extra`` adds named switches, e.g. compile)."""
     out = {"reference": dict(REFERENCE), "fast": dict(FAST)}
-    names = list(TOGGLES) if ablate else []
+    names = [n for n in TOGGLES if n != "compile"] if ablate else []  # compile: opt in, it is slow
     for name in dict.fromkeys(names + extra):
         key, value = TOGGLES[name]
         if FAST[key] == value:
@@ -81,49 +83,53 @@ class Runner:
         self.model.train()
         self.step = TrainStep(self.model, cfg.train, torch.device("cpu"))
 
-    def block(self, groups: list) -> tuple[int, float]:
-        """Train on ``groups``; -> (impressions, seconds)."""
-        n, t0 = 0, time.perf_counter()
+    def block(self, groups: list) -> tuple[int, float, float]:
+        """Train on ``groups``; -> (impressions, wall seconds, process CPU seconds)."""
+        n, t0, c0 = 0, time.perf_counter(), time.process_time()
         make = (self.ds.make_batch(rows, self.model.extra_inputs) for rows in groups)
         for b in prefetch(make, self.cfg.train.prefetch):
             self.step(b)
             n += len(b.click)
-        return n, time.perf_counter() - t0
+        return n, time.perf_counter() - t0, time.process_time() - c0
 
 
 def bench_model(label: str, model_name: str, ds: SearchLogDataset, vs: dict[str, dict], a) -> dict:
     groups = ds.batch_rows("train", a.batch_size, shuffle=True, seed=0)
     need = a.block * (a.rounds + 1)
     groups = (groups * (need // max(len(groups), 1) + 1))[:need]
-    runners, rates, build_s, warm_s = {}, {}, {}, {}
+    runners, rates, cpu_rates, build_s, warm_s = {}, {}, {}, {}, {}
     for name, sw in vs.items():
         torch.manual_seed(0)
         t0 = time.perf_counter()
         runners[name] = Runner(name, sw, model_name, ds, a.dim, a.threads)
         build_s[name] = time.perf_counter() - t0
-        rates[name] = []
+        rates[name], cpu_rates[name] = [], []
     for r in range(a.rounds + 1):
         chunk = groups[r * a.block:(r + 1) * a.block]
         for name, run in runners.items():
-            n, s = run.block(chunk)
+            n, s, c = run.block(chunk)
             if r == 0:
                 warm_s[name] = s  # includes torch.compile's compilation for compile variants
             else:
                 rates[name].append(n / s)
+                cpu_rates[name].append(n / c)
     out = {}
     ref = statistics.median(rates["reference"])
+    cpu_ref = statistics.median(cpu_rates["reference"])
     for name, rs in rates.items():
-        med = statistics.median(rs)
+        med, cpu = statistics.median(rs), statistics.median(cpu_rates[name])
         out[name] = {"impressions_per_s": med, "rounds": rs, "ratio_to_reference": med / ref,
+                     "impressions_per_cpu_s": cpu, "cpu_ratio_to_reference": cpu / cpu_ref,
                      "warmup_block_seconds": warm_s[name], "build_seconds": build_s[name],
                      "switches": vs[name]}
     if "fast" in out:
         for name in out:
             out[name]["ratio_to_fast"] = out[name]["impressions_per_s"] / out["fast"]["impressions_per_s"]
     target = TARGETS.get(label, OTHER_TARGET)
-    print(f"{label:18s} " + "  ".join(f"{n}={v['impressions_per_s']:8.0f} (x{v['ratio_to_reference']:.2f})"
-                                      for n, v in out.items()) + f"   target {target:,}", flush=True)
-    if a.profile:
+    print(f"{label:18s} " + "  ".join(f"{n}={v['impressions_per_s']:.0f} (x{v['ratio_to_reference']:.2f}, "
+                                      f"cpu x{v['cpu_ratio_to_reference']:.2f})" for n, v in out.items())
+          + f"   target {target:,}", flush=True)
+    if a.profile and model_name in a.profile_models.split(","):
         for name in ("reference", "fast"):
             write_profile(Path(a.profile) / f"{label.replace('@', '_h')}_{name}.txt", runners[name],
                           groups[: a.block])
@@ -162,6 +168,7 @@ def main() -> None:
     ap.add_argument("--ablate", action="store_true", help="also each switch on its own")
     ap.add_argument("--variants", default="", help="extra switches to measure, e.g. bf16,compile,nodrop")
     ap.add_argument("--profile", default="", help="folder for profiler tables of reference and fast")
+    ap.add_argument("--profile-models", default="dnn,din,diffusiongs")
     ap.add_argument("--out", default="reports/bench/train.json")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
