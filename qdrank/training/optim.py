@@ -4,7 +4,7 @@ A dense Adam step touches every row of the table every batch (zeroing its gradie
 updates, a square root and a division per element) although a batch reads a few thousand of its
 rows. The row-wise optimizers here take the table's row-sparse gradient and update only the rows
 the batch touched, as TorchRec's fused embedding optimizers do; the dense parameters keep
-``torch.optim.Adam`` (its fused kernel). :class:`CombinedOptimizer` presents both as one optimizer, so checkpoints
+``torch.optim.Adam``. :class:`CombinedOptimizer` presents both as one optimizer, so checkpoints
 save and resume it like any other.
 
 ``train.embedding_optimizer``:
@@ -164,9 +164,9 @@ def build_optimizer(model: torch.nn.Module, t: TrainConfig, sparse_grad: bool = 
     lr = t.embedding_lr or t.lr
     rowwise = (RowWiseAdam([table], lr=lr, weight_decay=t.weight_decay) if t.embedding_optimizer == "adam"
                else RowWiseAdagrad([table], lr=lr, weight_decay=t.weight_decay))
-    # fused: one vectorised kernel per tensor instead of ~10 ops (4x less optimizer time measured
-    # on DiffusionGS's ~100 dense tensors); same update up to float rounding
-    adam = torch.optim.Adam(dense, lr=t.lr, weight_decay=t.weight_decay, fused=True)
+    # not fused=True: 4x less optimizer CPU time on one idle thread, but one parallel region per
+    # tensor, which cost seconds per step on the shared 2-core machine (README "Training throughput")
+    adam = torch.optim.Adam(dense, lr=t.lr, weight_decay=t.weight_decay)
     return CombinedOptimizer([adam, rowwise])
 
 
