@@ -24,6 +24,7 @@ from safetensors.torch import load_file
 from qdrank.cli import main
 from qdrank.training import checkpoint as ckpt
 from qdrank.training.checkpoint import CheckpointError, load_model
+from qdrank.training.optim import build_optimizer
 
 REPO = Path(__file__).resolve().parents[1]
 DAMAGED = r"run .*: model\.safetensors is damaged \((checksum mismatch|empty file)\); retrain or restore it"
@@ -323,7 +324,7 @@ def test_resume_cleans_temps_in_the_library_too(run):
     _killed_writer(run / ckpt.STATE_DIR / ckpt.STATE_JSON)
     assert _temps(run / ckpt.STATE_DIR)
     model, cfg, _ = load_model(run)
-    opt = torch.optim.Adam(model.parameters())
+    opt = build_optimizer(model, cfg.train)  # the trainer's optimizer (row-wise table part included)
     assert ckpt.load_train_state(run, model, opt) is not None
     assert _temps(run / ckpt.STATE_DIR) == []
 
