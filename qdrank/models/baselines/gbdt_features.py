@@ -172,11 +172,13 @@ class GBDTFeatures(FittedBuffers):
         self.pop.fit(ds, rows)
         self.affinity.fit(ds, item_sparse, rows)
 
-    def _counts(self, match: torch.Tensor, actions: torch.Tensor) -> list[torch.Tensor]:
-        """[N, L] matches -> counts over all actions, then per action type (when split)."""
-        out = [match.sum(-1).float()]
-        if self.split_actions:
-            out += [(match & (actions == a)).sum(-1).float() for a in range(1, self.hist.n_actions + 1)]
+    def _counts(self, match: torch.Tensor, actions: torch.Tensor | None) -> list[torch.Tensor]:
+        """[N, L] matches -> counts over all actions, then per action type (``actions``: [N, L, A]
+        one-hot of the behaviour's action, when split)."""
+        m = match.float()
+        out = [m.sum(-1)]
+        if actions is not None:
+            out += list(torch.bmm(m.unsqueeze(1), actions).squeeze(1).unbind(-1))
         return out
 
     @torch.no_grad()
@@ -208,7 +210,10 @@ class GBDTFeatures(FittedBuffers):
         weights = self.hist.weighted(batch)
         item_m = self.hist.item_match(batch)
         cols.append((weights * item_m).sum(-1))
-        actions = self.hist.actions(batch)[req]
+        actions = None
+        if self.split_actions:
+            a = self.hist.actions(batch)[req]
+            actions = torch.nn.functional.one_hot(a, self.hist.n_actions + 1)[..., 1:].float()
         cols += self._counts(item_m, actions)
         for _, s, w in self.hist.features:
             cols += self._counts(self.hist.feature_match(batch, item_sparse, s, w), actions)
