@@ -88,9 +88,9 @@ def test_popularity_ranks_train_popular_item_first(tmp_path):
 
 def test_history_match_ranks_the_item_seen_before_first(tmp_path):
     items = pd.DataFrame({"item_id": [1, 2, 3, 4, 5], "category": ["a", "a", "b", "c", "c"]})
-    reqs = [(0, 7, 1000, "q", "train"), (1, 8, 1000, "q", "valid"), (2, 7, 2000, "q", "test"),
-            (3, 9, 2000, "q", "test")]
-    imps = [(0, 1, 0, 1), (0, 3, 1, 0), (1, 1, 0, 1), (1, 2, 1, 0),
+    reqs = [(0, 7, 1000, "q", "train"), (4, 8, 1100, "q", "train"), (1, 8, 1000, "q", "valid"),
+            (2, 7, 2000, "q", "test"), (3, 9, 2000, "q", "test")]
+    imps = [(0, 1, 0, 1), (0, 3, 1, 0), (4, 2, 0, 1), (4, 5, 1, 0), (1, 1, 0, 1), (1, 2, 1, 0),
             (2, 4, 0, 0), (2, 2, 1, 0), (2, 3, 2, 0), (2, 1, 3, 1),
             (3, 1, 0, 1), (3, 3, 1, 0)]
     # user 7 clicked item 1 long ago; its request at t=2000 sees it; the same-second behaviour on
@@ -105,8 +105,9 @@ def test_history_match_ranks_the_item_seen_before_first(tmp_path):
 
 
 def test_history_match_recency_and_action_weights(tmp_path):
-    reqs = [(0, 1, 1000, "q", "test"), (1, 2, 1000, "q", "train"), (2, 3, 1000, "q", "valid")]
-    imps = [(0, 10, 0, 0), (0, 11, 1, 1), (1, 10, 0, 0), (2, 10, 0, 1)]
+    reqs = [(0, 1, 1000, "q", "test"), (1, 2, 1000, "q", "train"), (3, 2, 1100, "q", "train"),
+            (2, 3, 1000, "q", "valid")]
+    imps = [(0, 10, 0, 0), (0, 11, 1, 1), (1, 10, 0, 0), (3, 11, 0, 1), (2, 10, 0, 1)]
     behs = [(1, 10, 100, "view"), (1, 11, 200, "view"), (1, 12, 300, "view")]
     data = write_log(tmp_path / "log", reqs, imps, behs)
     model, ds = fitted("history_match", data, "model.decay=0.5")
