@@ -143,6 +143,9 @@ class Trainer:
     def fit_baseline(self) -> dict:
         """A fitted baseline: statistics of the training split, no epochs, no optimizer."""
         t, ds = self.cfg.train, self.ds
+        if not isinstance(ds, SearchLogDataset):
+            raise ValueError(f"model {self.cfg.model_name!r} is fitted from a dataset loaded in memory; streamed "
+                             "shards are not supported for baselines yet: pass the dataset directory")
         t0 = time.perf_counter()
         self.model.fit_data(ds)
         fit_seconds = time.perf_counter() - t0
