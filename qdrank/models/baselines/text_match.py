@@ -112,14 +112,14 @@ class TextMatch(Baseline):
 
     def __init__(self, fmap: FeatureMap, cfg: TextMatchConfig):
         super().__init__(fmap, cfg)
-        self.overlap = TextOverlap(fmap, cfg.idf)
+        self.text = TextOverlap(fmap, cfg.idf)
 
     def fit_data(self, ds: SearchLogDataset) -> None:
-        self.overlap.fit(ds)
+        self.text.fit(ds)
 
     def candidate_scores(self, batch: Batch) -> torch.Tensor:
-        m, _ = self.overlap.match(batch, self.emb.item_sparse)
+        m, _ = self.text.match(batch, self.emb.item_sparse)
         return m[:, 0] + self.cfg.value_weight * m[:, 1]
 
     def summary(self) -> dict:
-        return {"categorical_values_hashed": int(self.overlap.value_ids.numel())}
+        return {"categorical_values_hashed": int(self.text.value_ids.numel())}
