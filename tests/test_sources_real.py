@@ -116,16 +116,40 @@ def test_movielens_counts(converted):
     assert 0.4 < imp.loc[imp["click"] == 1, "purchase"].mean() < 0.7
     # positions are shuffled: the clicked movie is not always first
     assert imp.loc[imp["click"] == 1, "position"].nunique() == 21
-    # negatives: never rated by the user; about half share the query genre
+    # negatives: never rated by the user; mostly (80% drawn + catalogue draws that happen to match)
+    # of the query genre, drawn by popularity: neither the genre nor popularity separates the positive
     m = imp.merge(req[["request_id", "user_id", "query"]], on="request_id").merge(items[["item_id", "genres"]])
     neg = m[m["click"] == 0]
     rated = set(zip(beh["user_id"], beh["item_id"], strict=True))
     assert not any(k in rated for k in zip(neg["user_id"], neg["item_id"], strict=True))
     share = np.mean([q in {g.lower() for g in gs} for q, gs in zip(neg["query"], neg["genres"], strict=True)])
-    assert 0.5 <= share < 0.75
+    assert 0.8 <= share < 0.9
     pos = m[m["click"] == 1]
     assert all(q in {g.lower() for g in gs} for q, gs in zip(pos["query"], pos["genres"], strict=True))
+    assert popularity_auc(m, beh) < 0.6
     assert set(users["gender"]) == {"M", "F"} and users["age"].str.fullmatch(r"\d+-\d+").all()
+
+
+def popularity_auc(m: pd.DataFrame, beh: pd.DataFrame) -> float:
+    """AUC of the movie's number of ratings for telling the rated movie from the negatives."""
+    from sklearn.metrics import roc_auc_score
+
+    return float(roc_auc_score(m["click"], m["item_id"].map(beh.groupby("item_id").size())))
+
+
+def test_movielens_uniform_negatives(tmp_path):
+    """``negatives=uniform`` keeps the earlier sampling: half the genre, uniform, popularity a label proxy."""
+    prepare_source("movielens", source_dir("movielens"), tmp_path / "u", seed=0, negatives="uniform",
+                   max_requests=3000)
+    t = read(tmp_path / "u")
+    m = t["impressions"].merge(t["requests"][["request_id", "query"]], on="request_id").merge(
+        t["items"][["item_id", "genres"]])
+    neg = m[m["click"] == 0]
+    share = np.mean([q in {g.lower() for g in gs} for q, gs in zip(neg["query"], neg["genres"], strict=True)])
+    assert 0.5 <= share < 0.75
+    assert popularity_auc(m, t["behaviors"]) > 0.75
+    with pytest.raises(ValueError, match="negatives"):
+        prepare_source("movielens", source_dir("movielens"), tmp_path / "x", negatives="random")
 
 
 def test_movielens_options_and_seed(converted, tmp_path):

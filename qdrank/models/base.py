@@ -9,6 +9,7 @@ serving's "encode once, score hundreds of candidates" is the same code path that
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +19,9 @@ from qdrank.config import ModelConfig
 from qdrank.data.batch import Batch
 from qdrank.data.features import FeatureMap
 from qdrank.models.layers import CrossFeatures, FeatureEmbedder, PositionBias, TwoTaskHead, masked_mean
+
+if TYPE_CHECKING:
+    from qdrank.data.dataset import SearchLogDataset
 
 RequestState = dict[str, torch.Tensor]
 
@@ -48,6 +52,10 @@ class RankModel(nn.Module):
 
     config_class: type[ModelConfig] = ModelConfig
     extra_inputs: tuple[str, ...] = ()  # registered batch inputs this model reads (qdrank.data.batch)
+    # False for fitted baselines (qdrank/models/baselines): the trainer calls fit_data once, no epochs
+    gradient_trained: bool = True
+    # True when the score itself reads the logged position: reported in the as-shown family only
+    uses_logged_position: bool = False
 
     def __init__(self, fmap: FeatureMap, cfg: ModelConfig):
         super().__init__()
@@ -72,6 +80,10 @@ class RankModel(nn.Module):
     def candidate_vectors(self, state: RequestState, batch: Batch, c: torch.Tensor) -> list[torch.Tensor]:
         """The model's own per-candidate vectors ([N, d] each; ``n_candidate_vectors`` of them)."""
         return []
+
+    def fit_data(self, ds: SearchLogDataset) -> None:
+        """Fit statistics from the TRAINING split of ``ds`` (baselines); gradient-trained models
+        learn in the trainer's epochs instead, so this is a no-op for them."""
 
     # ---- the head ---------------------------------------------------------------------------
     def build_head(self, n_request_vectors: int = 0, n_candidate_vectors: int = 0, interest: bool = False,

@@ -81,14 +81,16 @@ class Trainer:
         self.device = resolve_device(t.device)
         self.ctx = init_distributed(self.device)
         self.model = build_model(cfg, ds).to(self.device)
-        self.step = TrainStep(self.model, t, self.device, data_parallel=self.ctx.world > 1)
-        self.optimizer = self.step.optimizer
+        # fitted baselines (gradient_trained False) have no parameters, so no step and no optimizer
+        self.step = TrainStep(self.model, t, self.device, data_parallel=self.ctx.world > 1) \
+            if self.model.gradient_trained else None
+        self.optimizer = self.step.optimizer if self.step is not None else None
         self.start_epoch, self.best, self.best_epoch, self.bad_epochs = 0, -1.0, -1, 0
         state_file = self.run_dir / ckpt.STATE_DIR / ckpt.STATE_JSON
         if state_file.exists() and not resume:
             raise FileExistsError(f"{self.run_dir} already holds a run; pass --resume to continue it or "
                                   "choose another --out")
-        if resume:
+        if resume and self.optimizer is not None:
             info = ckpt.load_train_state(self.run_dir, self.model, self.optimizer)
             if info is None:
                 self.log(f"nothing to resume in {self.run_dir}: starting from scratch")
@@ -97,7 +99,7 @@ class Trainer:
                 self.best, self.best_epoch, self.bad_epochs = info["best"], info["best_epoch"], info["bad_epochs"]
                 self.log(f"resuming after epoch {info['epoch']} (best valid GAUC {self.best:.4f})")
         self.net = self.model
-        if self.ctx.world > 1:
+        if self.ctx.world > 1 and self.model.gradient_trained:
             self.net = torch.nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 find_unused_parameters=True)
@@ -111,6 +113,8 @@ class Trainer:
             ckpt.write_json(self.run_dir / "data.json", {"path": str(ds.path.resolve())})
             if self.start_epoch == 0:
                 (self.run_dir / ckpt.METRICS).unlink(missing_ok=True)
+        if not self.model.gradient_trained:
+            return self.fit_baseline()
         # a run resumed after its early stop trains no further epoch
         first_epoch = self.start_epoch if self.bad_epochs <= t.patience else t.max_epochs
         for epoch in range(first_epoch, t.max_epochs):
@@ -167,4 +171,26 @@ class Trainer:
                   "n_parameters": self.model.n_parameters()}
         if self.ctx.main:
             ckpt.write_json(self.run_dir / "result.json", result)
+        return result
+
+    def fit_baseline(self) -> dict:
+        """A fitted baseline: statistics of the training split, no epochs, no optimizer."""
+        t, ds = self.cfg.train, self.ds
+        if not isinstance(ds, SearchLogDataset):
+            raise ValueError(f"model {self.cfg.model_name!r} is fitted from a dataset loaded in memory; streamed "
+                             "shards are not supported for baselines yet: pass the dataset directory")
+        t0 = time.perf_counter()
+        self.model.fit_data(ds)
+        fit_seconds = time.perf_counter() - t0
+        if self.ctx.main:
+            ckpt.save_tensors(self.run_dir / ckpt.WEIGHTS, ckpt.model_tensors(self.model))
+        valid = evaluate(self.model, ds, "valid", t.eval_batch_size, self.device, self.ctx)
+        result = {"best_epoch": 0, "best_valid_gauc": selection_metric(valid), "valid": valid,
+                  "test": evaluate(self.model, ds, "test", t.eval_batch_size, self.device, self.ctx),
+                  "n_parameters": self.model.n_parameters(), "fit_seconds": fit_seconds,
+                  "fitted": getattr(self.model, "summary", dict)()}
+        if self.ctx.main:
+            ckpt.write_json(self.run_dir / "result.json", result)
+            self.log(f"fitted {self.cfg.model_name} in {fit_seconds:.1f}s: valid AUC "
+                     f"{valid.get('ctr_auc', float('nan')):.4f}  GAUC {valid.get('ctr_gauc', float('nan')):.4f}")
         return result

@@ -15,10 +15,22 @@ Derivation
   ``max_requests`` then keeps a seeded random subset overall. ``request_id`` runs in (user, time)
   order.
 * **Candidates**: the rated movie (``click`` 1, ``purchase`` = rating >= 4) plus ``n_negatives``
-  (default 20) movies the user never rated (at any time): ``n_negatives // 2`` drawn from the movies
-  of the query genre where the user has enough unrated ones, the rest uniformly from the catalogue
-  (``click`` 0, ``purchase`` null). Candidate order is shuffled with the seed and stored as
-  ``position``; rows are written in position order.
+  (default 20) movies the user never rated (at any time) (``click`` 0, ``purchase`` null), drawn by
+  ``negatives``:
+
+  - ``popular`` (default): ``round(genre_share * n_negatives)`` (``genre_share`` 0.8) from the movies of
+    the query genre, the rest from the whole catalogue, each movie with probability proportional to
+    its number of ratings (+1). The rated movie always matches the query genre and is drawn by
+    popularity too, so neither "matches the query" nor "is popular" alone tells it apart; ranking
+    needs the user.
+  - ``uniform`` (the earlier sampling): ``n_negatives // 2`` uniformly from the query genre, the rest
+    uniformly from the catalogue. The positive always matches the genre while about 60% of the
+    negatives do, and popular movies are almost always the positive: "genre matches, then
+    popularity" scores GAUC ~0.82 on it.
+
+  A genre draw that keeps failing (the user rated most of that genre) falls back to the catalogue
+  after half the rounds. Candidate order is shuffled with the seed and stored as ``position``; rows
+  are written in position order.
 * **Behaviours**: every rating, action ``rate_high`` (rating >= 4) or ``rate_low``, its query, and a
   ``rating`` numeric feature. Many ratings share a timestamp; the loader's strict ``timestamp <``
   history rule keeps a request's own rating (and same-second ratings) out of its history.
@@ -157,18 +169,28 @@ def _catalogue(ratings: pd.DataFrame, items: pd.DataFrame | None) -> pd.DataFram
 
 def _sample_negatives(req_user: np.ndarray, req_item: np.ndarray, req_genre: np.ndarray, rated_keys: np.ndarray,
                       genre_items: list[np.ndarray], n_items: int, n_neg: int,
-                      rng: np.random.Generator) -> np.ndarray:
+                      rng: np.random.Generator, n_genre: int | None = None,
+                      weight: np.ndarray | None = None) -> np.ndarray:
     """(n_requests, n_neg) item indices, -1 where no valid movie could be drawn.
 
     Valid = never rated by the user, not the positive, no repeat within the row. Columns
-    ``[0, n_neg // 2)`` draw from the query genre's movies, the others uniformly; a genre column that
-    keeps failing (the user rated most of that genre) falls back to uniform after half the rounds.
+    ``[0, n_genre)`` (default ``n_neg // 2``) draw from the query genre's movies, the others from the
+    catalogue; uniformly, or with probability proportional to ``weight`` (per item) when given. A
+    genre column that keeps failing (the user rated most of that genre) falls back to the catalogue
+    after half the rounds.
     """
     n = len(req_user)
-    n_genre = n_neg // 2
+    n_genre = n_neg // 2 if n_genre is None else n_genre
     sizes = np.array([len(g) for g in genre_items], dtype=np.int64)
     flat = np.concatenate(genre_items) if genre_items else np.zeros(0, np.int64)
     offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    if weight is not None:
+        # cumulative weights: over the catalogue, and within each genre's block of ``flat``
+        cat_cdf = np.cumsum(weight) / weight.sum()
+        flat_w = weight[flat]
+        flat_cum = np.cumsum(flat_w)
+        block_start = np.concatenate([[0.0], flat_cum])[offsets]
+        block_mass = np.add.reduceat(flat_w, offsets) if len(flat) else np.zeros(0)
     cols = np.broadcast_to(np.arange(n_neg), (n, n_neg))
     genre_col = cols < n_genre
     neg = np.full((n, n_neg), -1, dtype=np.int64)
@@ -177,10 +199,16 @@ def _sample_negatives(req_user: np.ndarray, req_item: np.ndarray, req_genre: np.
         r, c = np.nonzero(bad)
         if not len(r):
             break
-        draw = rng.integers(0, n_items, size=len(r))
         use_genre = genre_col[r, c] & (rnd < MAX_ROUNDS // 2)
         g = req_genre[r[use_genre]]
-        draw[use_genre] = flat[offsets[g] + (rng.random(len(g)) * sizes[g]).astype(np.int64)]
+        if weight is None:
+            draw = rng.integers(0, n_items, size=len(r))
+            draw[use_genre] = flat[offsets[g] + (rng.random(len(g)) * sizes[g]).astype(np.int64)]
+        else:
+            draw = np.minimum(np.searchsorted(cat_cdf, rng.random(len(r)), side="right"), n_items - 1)
+            u = block_start[g] + rng.random(len(g)) * block_mass[g]
+            at = np.searchsorted(flat_cum, u, side="right")
+            draw[use_genre] = flat[np.clip(at, offsets[g], offsets[g] + sizes[g] - 1)]
         neg[r, c] = draw
         # invalid: rated by the user (includes the positive), or a repeat of an earlier column;
         # repeats can only appear in rows that changed this round
@@ -204,12 +232,19 @@ def _sample_negatives(req_user: np.ndarray, req_item: np.ndarray, req_genre: np.
 
 # ----------------------------------------------------------------------------- conversion
 
+NEGATIVES = ("popular", "uniform")
+
+
 def prepare(input: Path, out: Path, *, seed: int = 0, min_history: int = 5, n_negatives: int = 20,
             requests_per_user: int | None = None, max_requests: int | None = None,
-            **options) -> ValidationReport:
+            negatives: str = "popular", genre_share: float = 0.8, **options) -> ValidationReport:
     """Convert MovieLens in ``input`` into a canonical dataset at ``out`` (see the module docstring)."""
     if options:
         raise TypeError(f"movielens: unknown options {sorted(options)}")
+    if negatives not in NEGATIVES:
+        raise ValueError(f"movielens: option 'negatives' must be one of {', '.join(NEGATIVES)}, got {negatives!r}")
+    if not 0.0 <= float(genre_share) <= 1.0:
+        raise ValueError(f"movielens: option 'genre_share' must be in [0, 1], got {genre_share!r}")
     started = time.perf_counter()
     ratings, items_raw, users_raw = read_movielens(input)
     items = _catalogue(ratings, items_raw)
@@ -264,8 +299,13 @@ def prepare(input: Path, out: Path, *, seed: int = 0, min_history: int = 5, n_ne
     # negatives: never rated by the user
     u_codes, u_inv = np.unique(r_user, return_inverse=True)
     rated_keys = np.unique(u_inv.astype(np.int64) * n_items + r_item)
+    if negatives == "popular":
+        weight = np.bincount(r_item, minlength=n_items).astype(np.float64) + 1.0
+        n_genre, how = int(round(genre_share * n_negatives)), f"{genre_share:.0%} of the query genre, by popularity"
+    else:
+        weight, n_genre, how = None, n_negatives // 2, "half of the query genre, uniformly"
     neg = _sample_negatives(u_inv[req_rows].astype(np.int64), r_item[req_rows], r_genre[req_rows], rated_keys,
-                            genre_items, n_items, n_negatives, seeded_rng(seed, 3))
+                            genre_items, n_items, n_negatives, seeded_rng(seed, 3), n_genre, weight)
 
     # candidates: positive + negatives, shuffled per request; -1 marks an empty negative slot
     cand = np.concatenate([r_item[req_rows][:, None], neg], axis=1)  # (n_req, 1 + n_neg)
@@ -306,7 +346,7 @@ def prepare(input: Path, out: Path, *, seed: int = 0, min_history: int = 5, n_ne
     spec = {"features": dict(SPEC["features"]), "gate": list(SPEC["gate"]) if USERS in tables else []}
     n_short = int((neg < 0).sum())
     notes = [f"{n_req:,} requests from {len(u_codes):,} users (min_history={min_history}), "
-             f"{n_negatives} negatives each"]
+             f"{n_negatives} negatives each ({how})"]
     if n_short:
         notes.append(f"{n_short:,} negative slots left empty (users who rated almost every movie)")
     return finish(out, tables, spec, "movielens", started, notes)

@@ -1,0 +1,135 @@
+"""What every baseline shares: no learned parts, item tables as buffers, buffers that may change
+size when fitted, and batch iteration over a split for fitting."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+from qdrank.config import ModelConfig
+from qdrank.data.batch import Batch
+from qdrank.data.dataset import SearchLogDataset
+from qdrank.data.features import FeatureMap
+from qdrank.models.base import RankModel, RequestState
+
+FIT_BATCH = 8192  # impressions per batch while fitting
+
+
+class FittedBuffers(nn.Module):
+    """A module whose buffers take their size from the data at fit time.
+
+    ``load_state_dict`` normally refuses a tensor whose shape differs from the freshly built
+    module's; a fitted table's size is only known from the checkpoint, so it is resized first.
+    """
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for name, buf in list(self._buffers.items()):
+            saved = state_dict.get(prefix + name)
+            if buf is not None and saved is not None and saved.shape != buf.shape:
+                self._buffers[name] = torch.empty(saved.shape, dtype=saved.dtype, device=buf.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+class ItemTables(nn.Module):
+    """Item side-feature ids/values by item row: the buffers of ``FeatureEmbedder`` without its
+    embedding table, so ``model.emb.set_item_tables`` and ``model.emb.item_sparse`` work as for
+    every other model."""
+
+    def __init__(self, fmap: FeatureMap):
+        super().__init__()
+        n_items = len(fmap.item_vocab) + 2
+        self.register_buffer("item_sparse", torch.zeros(n_items, fmap.n_slots("item"), dtype=torch.long))
+        self.register_buffer("item_dense", torch.zeros(n_items, fmap.n_numeric("item")))
+
+    def set_item_tables(self, sparse, dense) -> None:
+        with torch.no_grad():
+            self.item_sparse.copy_(torch.as_tensor(sparse))
+            self.item_dense.copy_(torch.as_tensor(dense))
+
+
+class Baseline(RankModel):
+    """A zero-parameter ranker fitted from the training split (``gradient_trained = False``).
+
+    It skips ``RankModel.__init__``'s learned parts (embedding table, position tower, head): the
+    trainer calls :meth:`fit_data` once instead of running epochs. Subclasses implement
+    :meth:`candidate_scores`; the CVR logit is a constant 0 (no baseline models conversion).
+    """
+
+    gradient_trained = False
+    config_class = ModelConfig
+
+    def __init__(self, fmap: FeatureMap, cfg: ModelConfig):
+        nn.Module.__init__(self)
+        self.fmap = fmap
+        self.cfg = cfg
+        self.emb = ItemTables(fmap)
+        self.position = None
+
+    def candidate_scores(self, batch: Batch) -> torch.Tensor:
+        raise NotImplementedError
+
+    def encode_request(self, batch: Batch) -> RequestState:
+        return {}
+
+    def score(self, state: RequestState, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        s = self.candidate_scores(batch).float()
+        return s, torch.zeros_like(s)
+
+    def n_parameters(self) -> int:
+        return 0
+
+    def summary(self) -> dict:
+        """What was fitted, for result.json (a baseline has no parameters to count)."""
+        return {}
+
+    @property
+    def device(self) -> torch.device:
+        return self.emb.item_sparse.device
+
+    def batches(self, ds: SearchLogDataset, split: str, rows: np.ndarray | None = None,
+                batch_size: int = FIT_BATCH) -> Iterator[tuple[Batch, torch.Tensor]]:
+        """(batch on the model's device, impression indices of its candidates) over ``split``, or
+        over the request ``rows`` when given."""
+        groups = ds.batch_rows(split, batch_size) if rows is None else ds.pack(rows, batch_size)
+        for g in groups:
+            yield ds.make_batch(g, self.extra_inputs).to(self.device), torch.from_numpy(ds.candidate_index(g))
+
+
+def train_impressions(ds: SearchLogDataset, rows: np.ndarray | None = None) -> np.ndarray:
+    """Impression indices of the training split (or of the given training request rows)."""
+    return ds.candidate_index(ds.requests_of("train") if rows is None else rows)
+
+
+def sparse_features(fmap: FeatureMap, role: str, types: tuple[str, ...] = ("categorical", "list"),
+                    exclude: tuple[str, ...] = ("item_id", "user_id")) -> list[tuple[str, int, int]]:
+    """(name, first slot, width) of a role's sparse features of the given types."""
+    return [(f.name, s, w) for f, s, w in fmap.slot_layout(role) if f.type in types and f.name not in exclude]
+
+
+def group_rank(values: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
+    """Per element, the share of its group's elements with a strictly smaller value (0..1).
+
+    ``group`` must be sorted (candidates of a request are contiguous). Ties share a rank.
+    """
+    n = values.shape[0]
+    if n == 0:
+        return values.new_zeros(0)
+    counts = torch.bincount(group)
+    start = torch.cumsum(counts, 0) - counts
+    # sort by (group, value): group-major because the sort below is stable
+    order = torch.argsort(values, stable=True)
+    order = order[torch.argsort(group[order], stable=True)]
+    sv, sg = values[order], group[order]
+    pos = torch.arange(n, device=values.device)
+    # first index of each run of equal (group, value) -> number of strictly smaller in the group
+    new_run = torch.ones(n, dtype=torch.bool, device=values.device)
+    new_run[1:] = (sv[1:] != sv[:-1]) | (sg[1:] != sg[:-1])
+    run_start = torch.cummax(torch.where(new_run, pos, torch.zeros_like(pos)), 0).values
+    smaller = (run_start - start[sg]).to(values.dtype)
+    denom = (counts[sg] - 1).clamp_min(1).to(values.dtype)
+    out = torch.empty_like(values)
+    out[order] = smaller / denom
+    return out

@@ -1,0 +1,129 @@
+"""``history_match``: is the candidate, or its category, in the user's strictly-earlier history?
+
+Each past behaviour that matches counts ``decay ** age`` (age 0 = the most recent behaviour), times a
+weight for its action type, times ``item_weight`` for the same item or ``category_weight`` for the
+same category (``FeatureMap.has_category``). Action weights are fitted on the training split: the
+click rate of candidates whose item the user met before with that action, relative to the overall
+click rate (so a purchase can weigh more than an impression, as the data says).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from qdrank.config import ModelConfig
+from qdrank.data.batch import Batch
+from qdrank.data.dataset import SearchLogDataset
+from qdrank.data.features import FeatureMap
+from qdrank.models.baselines.common import Baseline, FittedBuffers, sparse_features
+
+PRIOR_STRENGTH = 20.0  # pseudo-candidates pulling a rare action's click rate to the overall rate
+
+
+@dataclass
+class HistoryMatchConfig(ModelConfig):
+    decay: float = 0.9            # weight of a behaviour = decay ** (number of later behaviours)
+    item_weight: float = 1.0      # same item
+    category_weight: float = 0.3  # same category (only when the data names one)
+    fit_action_weights: bool = True
+
+
+class HistoryMatcher(FittedBuffers):
+    """Matches of each candidate against each history behaviour, by item and by item feature.
+
+    ``features`` are the item's categorical/list side features (category, brand, genres...); a list
+    feature matches when the two items share any value.
+    """
+
+    def __init__(self, fmap: FeatureMap, decay: float = 0.9):
+        super().__init__()
+        self.fmap, self.decay = fmap, decay
+        self.features = sparse_features(fmap, "item")
+        act = fmap.features.get("action")
+        self.action_slot = next((s for f, s, _ in fmap.slot_layout("behavior") if f.name == "action"), None)
+        self.action_offset = act.offset if act is not None else 0
+        self.n_actions = len(act.vocab) if act is not None and self.action_slot is not None else 0
+        # weight per action local id (0 = missing/unknown action, 1.. = vocab order)
+        self.register_buffer("action_weight", torch.ones(self.n_actions + 1))
+
+    def actions(self, batch: Batch) -> torch.Tensor:
+        """[R, L] local action ids (0 = none/unknown)."""
+        if self.action_slot is None:
+            return torch.zeros_like(batch.hist_item)
+        a = batch.hist_sparse[..., self.action_slot]
+        return torch.where(a > self.action_offset, a - self.action_offset, torch.zeros_like(a))
+
+    def recency(self, batch: Batch) -> torch.Tensor:
+        """[R, L] decay ** (number of later behaviours), 0 on padding."""
+        L = batch.hist_item.shape[1]
+        age = (batch.hist_len.unsqueeze(1) - 1 - torch.arange(L, device=batch.hist_item.device)).clamp_min(0)
+        return self.decay ** age.float() * batch.hist_mask
+
+    def item_match(self, batch: Batch) -> torch.Tensor:
+        """[N, L] the behaviour's item is the candidate (known items only)."""
+        h = batch.hist_item[batch.cand_req]
+        return (h == batch.cand_item.unsqueeze(1)) & (batch.cand_item > 1).unsqueeze(1)
+
+    def feature_match(self, batch: Batch, item_sparse: torch.Tensor, start: int, width: int) -> torch.Tensor:
+        """[N, L] the behaviour's item shares a value of the feature at slots [start, start+width)."""
+        c = item_sparse[batch.cand_item, start:start + width]                       # [N, W]
+        h = item_sparse[batch.hist_item, start:start + width][batch.cand_req]       # [N, L, W]
+        eq = (h.unsqueeze(-1) == c.unsqueeze(1).unsqueeze(2)) & (c > 0).unsqueeze(1).unsqueeze(2)
+        return eq.any(-1).any(-1) & batch.hist_mask[batch.cand_req]
+
+    def fit(self, batches) -> None:
+        """Action weights from training batches: click rate of candidates met before with action a,
+        over the overall click rate (shrunk towards 1 for rare actions)."""
+        if self.n_actions == 0:
+            return
+        clicks = np.zeros(self.n_actions + 1)
+        seen = np.zeros(self.n_actions + 1)
+        total_c = total_n = 0.0
+        for b, _ in batches:
+            m = self.item_match(b)
+            a = self.actions(b)[b.cand_req]
+            onehot = torch.zeros(m.shape[0], self.n_actions + 1, device=m.device)
+            onehot.scatter_add_(1, torch.where(m, a, torch.zeros_like(a)), m.float())
+            met = (onehot > 0).float()
+            clicks += (met * b.click.unsqueeze(1)).sum(0).cpu().numpy()
+            seen += met.sum(0).cpu().numpy()
+            total_c += float(b.click.sum())
+            total_n += float(b.click.numel())
+        base = total_c / max(total_n, 1.0)
+        if base <= 0:
+            return
+        rate = (clicks + PRIOR_STRENGTH * base) / (seen + PRIOR_STRENGTH)
+        self.action_weight.copy_(torch.from_numpy(rate / base).float().to(self.action_weight.device))
+
+    def weighted(self, batch: Batch) -> torch.Tensor:
+        """[N, L] recency x action weight of each behaviour, gathered to candidates."""
+        w = self.recency(batch) * self.action_weight[self.actions(batch)]
+        return w[batch.cand_req]
+
+
+class HistoryMatch(Baseline):
+    config_class = HistoryMatchConfig
+
+    def __init__(self, fmap: FeatureMap, cfg: HistoryMatchConfig):
+        super().__init__(fmap, cfg)
+        self.matcher = HistoryMatcher(fmap, cfg.decay)
+        self.category = next(((s, w) for n, s, w in self.matcher.features if n == fmap.has_category), None)
+
+    def fit_data(self, ds: SearchLogDataset) -> None:
+        if self.cfg.fit_action_weights:
+            self.matcher.fit(self.batches(ds, "train"))
+
+    def candidate_scores(self, batch: Batch) -> torch.Tensor:
+        m = self.cfg.item_weight * self.matcher.item_match(batch).float()
+        if self.category is not None:
+            m = m + self.cfg.category_weight * self.matcher.feature_match(batch, self.emb.item_sparse,
+                                                                          *self.category).float()
+        return (self.matcher.weighted(batch) * m).sum(-1)
+
+    def summary(self) -> dict:
+        act = self.fmap.features.get("action")
+        names = ["(none)", *(act.vocab if act is not None else [])]
+        return {"action_weight": dict(zip(names, self.matcher.action_weight.tolist()))}
