@@ -48,6 +48,9 @@ class RankModel(nn.Module):
 
     config_class: type[ModelConfig] = ModelConfig
     extra_inputs: tuple[str, ...] = ()  # registered batch inputs this model reads (qdrank.data.batch)
+    # True for a model whose scores read the logged position (the ``logged_order`` baseline): it
+    # cannot rank a live request, so it is reported in the as-shown metric family only.
+    uses_logged_position: bool = False
 
     def __init__(self, fmap: FeatureMap, cfg: ModelConfig):
         super().__init__()
