@@ -75,7 +75,7 @@ def main() -> None:
                        shard_mib=sum(f.stat().st_size for f in s.iterdir()) / 2**20)
             res["train"] = run_stage(["train", "--data", str(s), "--model", "dnn", "--out", str(work / f"run-{size}"),
                                       *train_set], work / f"train-{size}.log")
-            res["train"]["result"] = json.loads((work / f"run-{size}" / "result.json").read_text())["test"].get("ctr_auc")
+            res["train"]["result"] = json.loads((work / f"run-{size}" / "result.json").read_text())["test"].get("serving_ctr_auc")
             if manifest["n_impressions"] <= a.baseline_max:
                 res["train_in_memory"] = run_stage(["train", "--data", str(d), "--model", "dnn", "--out",
                                                     str(work / f"run-mem-{size}"), *train_set],

@@ -99,10 +99,13 @@ def cmd_train(a) -> None:
     trainer = Trainer(cfg, ds, Path(a.out), resume=a.resume, log=_log)
     res = trainer.fit()
     if trainer.ctx.main:
+        from qdrank.evaluation.evaluate import format_families
+
         t = res["test"]
-        print(f"{cfg.model_name}: test CTR AUC {t.get('ctr_auc', float('nan')):.4f}  GAUC {t.get('ctr_gauc', float('nan')):.4f}"
-              + (f"  CVR AUC {t['cvr_auc']:.4f}" if "cvr_auc" in t else "") + f"  (best epoch {res['best_epoch'] + 1};"
-              f" run in {a.out})")
+        cvr = next((t[k] for k in ("serving_cvr_auc", "as_shown_cvr_auc") if k in t), None)
+        print(f"{cfg.model_name}: test CTR {format_families(t)}" + (f"  CVR AUC {cvr:.4f}" if cvr is not None else "")
+              + f"  (best epoch {res['best_epoch'] + 1} of {res['epochs_run']}"
+              + ("" if res["converged"] else ", not converged") + f"; run in {a.out})")
 
 
 def cmd_evaluate(a) -> None:
@@ -121,11 +124,12 @@ def cmd_evaluate(a) -> None:
     ds = open_dataset(data, cfg.data, fmap=fmap, log=_log)
     device = resolve_device(cfg.train.device)
     model.to(device)
+    from qdrank.evaluation.report import family_rows
+
     m = evaluate(model, ds, a.split, cfg.train.eval_batch_size, device, progress=True)
-    row = {"model": cfg.model_name, **m}
-    cols = [(k, k) for k in ("ctr_auc", "ctr_gauc", "ctr_gauc_w", "ctr_logloss", "cvr_auc", "cvr_gauc",
-                             "oracle_ctr_auc", "oracle_ctr_gauc") if k in m]
-    md = markdown_table([row], cols, title=f"{cfg.model_name} on {data} ({a.split})")
+    rows, cols = family_rows(cfg.model_name, m)
+    md = markdown_table(rows, cols, title=f"{cfg.model_name} on {data} ({a.split}): serving (primary) and "
+                        "as_shown (logged position) metric families")
     write_report(out, "evaluation", {"run": str(run), "data": str(data), "split": a.split, "metrics": m}, md)
     print(md)
     print(f"\nreport written to {out}/evaluation.json and .md")
@@ -145,9 +149,11 @@ def cmd_benchmark(a) -> None:
     from qdrank.utils.io import ensure_writable_dir
 
     ensure_writable_dir(Path(a.out))
-    spec = BenchmarkSpec(data=Path(a.data), models=a.models.split(","), seeds=a.seeds,
+    if a.seeds < 1:
+        raise ValueError(f"--seeds must be at least 1, got {a.seeds}")
+    spec = BenchmarkSpec(data=Path(a.data), models=[m for m in a.models.split(",") if m], seeds=a.seeds,
                          overrides=a.set or [], search=not a.no_search, base_model=a.base,
-                         grid=parse_grid(a.grid) if a.grid else dict(DEFAULT_GRID))
+                         grid=parse_grid(a.grid) if a.grid else dict(DEFAULT_GRID), baselines=not a.no_baselines)
     run_benchmark(spec, Path(a.out), log=_log)
 
 
@@ -230,10 +236,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--models", help="comma list (default: all registered)")
     d.set_defaults(func=cmd_demo)
 
-    b = sub.add_parser("benchmark", help="compare models under one budget, mean ± std over seeds")
+    b = sub.add_parser("benchmark", help="baselines and models under one budget: both metric families, mean ± std "
+                       "over seeds, paired verdicts")
     b.add_argument("--data", required=True)
-    b.add_argument("--models", default="dnn,din")
-    b.add_argument("--seeds", type=int, default=3)
+    b.add_argument("--models", default="dnn,din", help="learned models (the registered baselines are added)")
+    b.add_argument("--seeds", type=int, default=5)
+    b.add_argument("--no-baselines", action="store_true", help="do not add the registered baselines")
     b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="applies to every model")
     b.add_argument("--no-search", action="store_true", help="skip the validation hyper-parameter search")
     b.add_argument("--grid", help='search grid, e.g. "train.lr=0.001,0.003;model.dropout=0,0.2" (the default)')

@@ -34,8 +34,12 @@ class TrainConfig:
     batch_size: int = 1024         # impressions per batch (whole requests are kept together)
     eval_batch_size: int = 8192
     lr: float = 2e-3
-    weight_decay: float = 0.0
-    patience: int = 2              # early stopping on validation GAUC
+    lr_schedule: str = "cosine"    # constant | cosine | linear: decay over max_epochs after the warm-up
+    lr_warmup_epochs: float = 0.1  # linear warm-up over this share of an epoch's steps (then the decay)
+    lr_min_ratio: float = 0.05     # the decay ends at lr * lr_min_ratio
+    weight_decay: float = 0.0      # dense decay of every parameter (Adam's L2)
+    emb_l2: float = 0.0            # L2 on the embedding rows each batch looks up (DIN's mini-batch aware reg.)
+    patience: int = 2              # early stopping on validation serving CTR GAUC
     seed: int = 0
     cvr_weight: float = 1.0
     grad_clip: float = 5.0
@@ -58,7 +62,8 @@ class ModelConfig:
     dim: int = 64
     dropout: float = 0.1
     mlp: tuple[int, ...] = (128, 64)
-    position_bias: bool = True     # shallow position tower, used in training only (see README)
+    position_bias: bool = True     # PAL position tower: trained with the logged position; serving and the
+                                   # primary `serving` metrics score without it (see PositionBias)
     cross: bool = True             # shared cross features (candidate x query / x history, query-item
     #                                token overlap) in every neural model's head (README "Models")
 
@@ -73,6 +78,9 @@ class RunConfig:
     def to_dict(self) -> dict:
         return {"model_name": self.model_name, "data": dataclasses.asdict(self.data),
                 "train": dataclasses.asdict(self.train), "model": dataclasses.asdict(self.model)}
+
+
+LR_SCHEDULES = ("constant", "cosine", "linear")
 
 
 class ConfigError(ValueError):
@@ -190,6 +198,8 @@ def from_dict(model_name: str, raw: dict) -> RunConfig:
     cfg.data = _apply(DataConfig(), raw.get("data", {}) or {}, "data")
     cfg.train = _apply(TrainConfig(), raw.get("train", {}) or {}, "train")
     cfg.model = _apply(model_config_class(model_name)(), model_raw, "model")
+    if cfg.train.lr_schedule not in LR_SCHEDULES:
+        raise ConfigError(f"train.lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {cfg.train.lr_schedule!r}")
     if len(cfg.data.split) != 3 or abs(sum(cfg.data.split) - 1) > 1e-6:
         raise ConfigError(f"data.split must be three fractions summing to 1, got {cfg.data.split}")
     return cfg

@@ -34,7 +34,7 @@ def test_ablate_and_explain_cli(tiny_data, tmp_path, capsys):
                                                                                "8 layers"]
     for rows in res["tables"].values():
         for r in rows:
-            assert 0.0 <= r["ctr_auc"]["mean"] <= 1.0
+            assert 0.0 <= r["serving_ctr_auc"]["mean"] <= 1.0
     gap = res["denoise_gap"]
     assert gap is not None and abs(gap["auc_gap_mean"]) < 0.05
     assert (out / "ablation.png").read_bytes()[:4] == b"\x89PNG"

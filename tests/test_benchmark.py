@@ -3,8 +3,24 @@
 from __future__ import annotations
 
 import json
+import math
 
-from qdrank.evaluation.benchmark import BenchmarkSpec, grid_points, rank_summary, run_benchmark
+import numpy as np
+import pytest
+
+from qdrank.evaluation.benchmark import (
+    BASELINES,
+    REPORT_SCHEMA,
+    BenchmarkSpec,
+    Variant,
+    benchmark_tables,
+    compute_verdicts,
+    grid_points,
+    ordered_variants,
+    paired_comparison,
+    run_benchmark,
+)
+from qdrank.evaluation.report import aggregate
 
 FAST = ["data.max_history=10", "data.query_buckets=1000", "model.dim=8", "train.batch_size=1024",
         "train.max_epochs=1", "train.progress=false"]
@@ -19,18 +35,26 @@ def test_grid_points():
 
 def test_benchmark_search_seeds_and_resume(tiny_data, tmp_path):
     spec = BenchmarkSpec(data=tiny_data, models=["dnn", "din"], seeds=2, overrides=FAST,
-                         grid={"train.lr": [0.001, 0.003]})
+                         grid={"train.lr": [0.001, 0.003]}, baselines=False)
     out = tmp_path / "b"
     payload = run_benchmark(spec, out, log=lambda m: None)
     dnn = payload["models"]["dnn"]
     assert len(dnn["search"]) == 2 and dnn["chosen"] in [{"train.lr": 0.001}, {"train.lr": 0.003}]
-    assert dnn["test"]["ctr_auc"]["n"] == 2
+    assert dnn["test"]["serving_ctr_gauc"]["n"] == 2 and dnn["test"]["as_shown_ctr_gauc"]["n"] == 2
     chosen = max(dnn["search"], key=lambda s: s["valid_gauc"])["point"]
-    assert dnn["chosen"] == chosen  # selected on validation
+    assert dnn["chosen"] == chosen  # selected on validation (serving GAUC)
+    assert dnn["best_epoch"] == [0, 0] and dnn["converged"] == [False, False]  # 1 epoch: best is the last
     for f in ("results.json", "results.md", "results.png"):
         assert (out / f).exists()
     md = (out / "results.md").read_text()
-    assert "oracle" in md and "±" in md
+    assert "oracle (ranks by true_rel)" in md and "oracle (ranks by true_ctr)" in md and "±" in md
+    assert "serving family (primary)" in md and "as_shown family (secondary)" in md
+    assert "not converged: 2/2" in md and "vs true_rel" in md
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["schema"] == REPORT_SCHEMA and saved["primary_metric"] == "serving_ctr_gauc"
+    assert saved["order"] == ["dnn", "din"] and saved["oracle"]["oracle_serving_ctr_gauc"] > 0.5
+    assert set(saved["verdicts"]["pairwise"]["dnn"]) == {"din"}
+    assert saved["verdicts"]["pairwise"]["dnn"]["din"]["n"] == 2
     # a second call redoes nothing: every result.json stays as it was
     results = sorted(out.glob("runs/*/*/seed*/result.json"))
     assert len(results) == 2 * (2 + 1)
@@ -38,7 +62,63 @@ def test_benchmark_search_seeds_and_resume(tiny_data, tmp_path):
     again = run_benchmark(spec, out, log=lambda m: None)
     assert [p.stat().st_mtime_ns for p in results] == stamps
     assert again["models"]["dnn"]["test"] == json.loads(json.dumps(dnn["test"]))
-    assert any(line.endswith(")") and "vs din on ctr_auc" in line for line in rank_summary(payload, "dnn"))
+
+
+def test_paired_comparison_t_interval_and_verdicts():
+    from scipy import stats
+
+    a, b = [0.71, 0.72, 0.70, 0.73, 0.72], [0.70, 0.70, 0.69, 0.71, 0.70]
+    c = paired_comparison(a, b)
+    d = np.subtract(a, b)
+    half = stats.t.ppf(0.975, 4) * d.std(ddof=1) / math.sqrt(5)
+    assert c["n"] == 5 and c["diff_mean"] == pytest.approx(d.mean())
+    assert (c["ci_low"], c["ci_high"]) == pytest.approx((d.mean() - half, d.mean() + half))
+    assert c["verdict"] == "wins" and paired_comparison(b, a)["verdict"] == "loses"
+    # a mean difference inside the seeds' paired noise ties
+    assert paired_comparison([0.71, 0.69, 0.72, 0.68, 0.70], [0.70, 0.70, 0.70, 0.70, 0.70])["verdict"] == "ties"
+    # pairs with a NaN are dropped; one pair has no interval and ties
+    one = paired_comparison([0.8, float("nan")], [0.7, 0.7])
+    assert one["n"] == 1 and one["verdict"] == "ties" and math.isnan(one["ci_low"])
+
+
+def test_baselines_come_first_in_one_fixed_order():
+    spec = BenchmarkSpec(data=".", models=["dnn", "gbdt", "din", "popularity", Variant("x", "logged_order")],
+                         baselines=False)
+    assert [v.label for v in ordered_variants(spec)] == ["x", "popularity", "gbdt", "dnn", "din"]
+    assert BASELINES[0] == "logged_order"
+    # with baselines=True only registered ones are added (none is unknown to the registry)
+    from qdrank.models.registry import available_models
+
+    added = [v.model for v in ordered_variants(BenchmarkSpec(data=".", models=["dnn"]))]
+    assert added[-1] == "dnn" and all(m in available_models() for m in added)
+
+
+def _fake(kind, values, logged=False, best=(2, 3, 4), conv=(True, True, False)):
+    keys = ("serving_ctr_gauc", "as_shown_ctr_gauc", "serving_ctr_auc", "as_shown_ctr_auc")
+    runs = [{k: (float("nan") if logged and k.startswith("serving") else v) for k in keys} for v in values]
+    return {"model": "m", "kind": kind, "uses_logged_position": logged, "test": aggregate(runs, keys),
+            "best_epoch": list(best), "converged": list(conv), "n_parameters": 1000,
+            "train_seconds": {"mean": 1.0}, "infer_ms_per_request": {"mean": 0.1}, "oracle": {}}
+
+
+def test_tables_and_verdicts_logged_position_and_best_baseline():
+    per = {"logged_order": _fake("baseline", [0.9, 0.9, 0.9], logged=True),
+           "popularity": _fake("baseline", [0.60, 0.60, 0.60]),
+           "gbdt": _fake("baseline", [0.65, 0.66, 0.64]),
+           "dnn": _fake("learned", [0.70, 0.71, 0.705]),
+           "din": _fake("learned", [0.64, 0.66, 0.65])}
+    v = compute_verdicts(per)
+    assert v["best_baseline"] == "gbdt"  # logged_order has no serving score: never the best baseline
+    assert v["vs_best_baseline"]["dnn"]["verdict"] == "wins"
+    assert v["vs_best_baseline"]["din"]["verdict"] == "ties"
+    assert v["pairwise"]["din"]["dnn"]["verdict"] == "loses"
+    tables, _, md = benchmark_tables(BenchmarkSpec(data=".", models=[]), per, v)
+    serving = {r["model"]: r for r in tables["serving"]}
+    assert serving["logged_order (baseline)"]["serving_ctr_gauc"] == "n/a"
+    assert {r["model"]: r for r in tables["as_shown"]}["logged_order (baseline)"]["as_shown_ctr_gauc"]["mean"] == 0.9
+    assert serving["dnn"]["best_epoch"] == "3,4,5 (not converged: 1/3)"
+    assert serving["gbdt (baseline)"]["best_epoch"] == "n/a"
+    assert md.index("logged_order") < md.index("| dnn")
 
 
 def test_interrupted_run_resumes(tiny_data, tmp_path):

@@ -279,7 +279,7 @@ def test_one_step_and_full_chain_agree_after_training(tiny_dataset, tmp_path):
     for steps in (1, 50):
         model.denoise_steps = steps
         preds[steps] = predict(model, ds, "valid", 4096, torch.device("cpu"))
-    a, b = preds[1]["ctr"], preds[50]["ctr"]
+    a, b = preds[1]["serving_ctr"], preds[50]["serving_ctr"]
     assert not np.allclose(a, b)          # the chains really differ
     corr = np.corrcoef(a, b)[0, 1]
     assert corr > 0.9, corr
@@ -287,7 +287,7 @@ def test_one_step_and_full_chain_agree_after_training(tiny_dataset, tmp_path):
     aucs = []
     for steps in (1, 50):
         m = RankingMetrics(scores_are_logits=True)
-        m.update(click, preds[steps]["ctr"], np.zeros(len(click), dtype=np.int64))
+        m.update(click, preds[steps]["serving_ctr"], np.zeros(len(click), dtype=np.int64))
         aucs.append(m.compute()["auc"])
     assert abs(aucs[0] - aucs[1]) < 0.05, aucs
 

@@ -59,7 +59,7 @@ def test_health_model_openapi(server):
     assert_alive(client)
     m = client.get("/v1/model").json()
     assert m["model"] == "din" and m["config"]["model_name"] == "din"
-    assert m["metrics"]["test"]["ctr_auc"] > 0
+    assert m["metrics"]["test"]["serving_ctr_auc"] > 0
     assert {f["name"] for f in m["features"]["context"]} == {"device", "hour"}
     api = client.get("/openapi.json").json()
     assert {"/v1/rank", "/v1/events", "/v1/model", "/healthz"} <= set(api["paths"])

@@ -176,7 +176,7 @@ def test_run_from_shards_equals_run_from_directory(tiny_data, tmp_path):
         assert res_a[split].keys() == res_b[split].keys()
         for k, v in res_a[split].items():
             assert v == pytest.approx(res_b[split][k], rel=1e-5, abs=1e-6, nan_ok=True), (split, k)
-    assert "oracle_ctr_auc" in res_b["test"]
+    assert "oracle_as_shown_ctr_auc" in res_b["test"]
     assert isinstance(open_dataset(shard_dir, cfg.data), ShardedDataset)
     assert isinstance(open_dataset(tiny_data, cfg.data, log=lambda m: None), SearchLogDataset)
 

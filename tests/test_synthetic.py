@@ -8,7 +8,7 @@ import pytest
 import yaml
 from sklearn.metrics import roc_auc_score
 
-from qdrank.data.schema import ORACLE_COLUMNS, validate_dataset
+from qdrank.data.schema import ORACLE_COLUMNS, SPEC, validate_dataset
 from qdrank.data.sources.synthetic import SCALES, T0, prepare
 
 TABLES = ("requests", "impressions", "behaviors", "items", "users")
@@ -173,3 +173,21 @@ def test_session_mode_writes_sessions_with_moods(tmp_path):
     assert len(imp_s) == len(imp_p) and not imp_s["true_ctr"].equals(imp_p["true_ctr"])
     with pytest.raises(ValueError, match="session_drift"):
         synthetic.prepare(None, tmp_path / "x", session_drift=1.5, **small)
+
+
+def test_true_rel_is_true_ctr_without_the_position_factor(tiny):
+    """true_rel (the counterfactual oracle) = true_ctr * (1 + kappa_device * position), recomputed from
+    the generator's click formula; equal to true_ctr at the top position."""
+    from qdrank.data.sources.synthetic import _KAPPA, DEVICES
+
+    assert "true_rel" in ORACLE_COLUMNS
+    _, _, t = tiny
+    imp = t["impressions"].merge(t["requests"][["request_id", "device"]], on="request_id")
+    kappa = _KAPPA[imp["device"].map({d: i for i, d in enumerate(DEVICES)}).to_numpy()]
+    rel = imp["true_ctr"].to_numpy() * (1.0 + kappa * imp["position"].to_numpy())
+    np.testing.assert_allclose(imp["true_rel"].to_numpy(), rel, rtol=1e-12)
+    top = imp["position"].to_numpy() == 0
+    np.testing.assert_array_equal(imp["true_rel"].to_numpy()[top], imp["true_ctr"].to_numpy()[top])
+    assert (imp["true_rel"] >= imp["true_ctr"]).all() and imp["true_rel"].between(0, 1).all()
+    spec = yaml.safe_load((tiny[0] / SPEC).read_text())
+    assert spec["features"]["true_rel"] == {"type": "ignore"}

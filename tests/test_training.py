@@ -35,14 +35,14 @@ def test_same_seed_same_metrics_and_different_seed_differs(tiny_dataset, tmp_pat
         cfg = tiny_config("din", "train.max_epochs=2", f"train.seed={seed}")
         res.append(Trainer(cfg, ds, tmp_path / f"r{i}").fit()["test"])
     assert res[0] == res[1]
-    assert res[0]["ctr_auc"] != res[2]["ctr_auc"]
+    assert res[0]["serving_ctr_auc"] != res[2]["serving_ctr_auc"]
 
 
 def test_training_improves_over_chance(tiny_dataset, tmp_path):
     _, ds = tiny_dataset
     cfg = tiny_config("dnn", "train.max_epochs=6", "train.lr=0.003", "train.patience=6")
     out = Trainer(cfg, ds, tmp_path / "r").fit()
-    assert out["valid"]["ctr_auc"] > 0.55, out["valid"]
+    assert out["valid"]["serving_ctr_auc"] > 0.55, out["valid"]
     lines = (tmp_path / "r" / ckpt.METRICS).read_text().splitlines()
     assert len(lines) >= 1 and "valid" in json.loads(lines[0])
 
@@ -112,13 +112,22 @@ def test_two_process_torchrun(tiny_data, tmp_path):
            "--set", "train.max_epochs=2"]
     r = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert r.stdout.count("test CTR AUC") == 1  # printed once, by rank 0
+    assert r.stdout.count("test CTR serving AUC") == 1  # printed once, by rank 0
     res = json.loads((out / "result.json").read_text())
-    assert res["test"]["ctr_n"] > 0
+    assert res["test"]["serving_ctr_n"] > 0
     lines = [json.loads(x) for x in (out / ckpt.METRICS).read_text().splitlines()]
     assert len(lines) == 2  # metrics written once per epoch, not once per rank
-    model, _, _ = ckpt.load_model(out)  # the checkpoint written by rank 0 loads
+    model, cfg, fmap = ckpt.load_model(out)  # the checkpoint written by rank 0 loads
     assert model.n_parameters() > 0
+    # 2 ranks (each scoring its own requests, metric states all-reduced) == 1 rank on the same weights
+    from qdrank.data.dataset import SearchLogDataset
+
+    ds = SearchLogDataset(tiny_data, cfg.data, fmap=fmap, log=lambda m: None)
+    one = evaluate(model, ds, "test", cfg.train.eval_batch_size, resolve_device("cpu"))
+    two = res["test"]
+    assert set(one) == set(two)
+    for k, v in one.items():
+        assert v == pytest.approx(two[k], abs=1e-9, nan_ok=True), k  # histogram counts add exactly
 
 
 def test_cli_prepare_train_evaluate(tmp_path):
@@ -132,6 +141,8 @@ def test_cli_prepare_train_evaluate(tmp_path):
     assert r.returncode == 0, r.stderr
     r = _cli("evaluate", str(tmp_path / "run"), "--split", "test")
     assert r.returncode == 0, r.stderr
-    assert "ctr_auc" in r.stdout and (tmp_path / "run" / "eval_test" / "evaluation.json").exists()
+    assert "serving" in r.stdout and "as_shown" in r.stdout and "ctr_auc" in r.stdout
+    ev = json.loads((tmp_path / "run" / "eval_test" / "evaluation.json").read_text())
+    assert {"serving_ctr_gauc", "as_shown_ctr_gauc", "oracle_serving_ctr_gauc", "serving_rel_ndcg10"} <= set(ev["metrics"])
     r = _cli("data", "validate", str(tmp_path / "missing"))
     assert r.returncode == 2 and "does not exist" in r.stderr

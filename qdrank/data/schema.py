@@ -57,7 +57,7 @@ TABLE_ROLE = {REQUESTS: "context", IMPRESSIONS: "candidate", BEHAVIORS: "behavio
 SPLITS = ("train", "valid", "test")
 FEATURE_TYPES = ("categorical", "numeric", "list", "text", "ignore")
 # Ground-truth columns of simulated data: never features, used for the oracle ceiling.
-ORACLE_COLUMNS = ("true_ctr", "true_cvr")
+ORACLE_COLUMNS = ("true_ctr", "true_cvr", "true_rel")
 # Keys of dataset.yaml and of one feature declaration; anything else is a typo and an error.
 SPEC_KEYS = ("features", "gate", "category")
 FEATURE_KEYS = ("type", "role")

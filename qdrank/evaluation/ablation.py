@@ -2,9 +2,10 @@
 
 Every variant is DiffusionGS with one switch changed (``--set model.KEY=VALUE``), trained under
 the same budget and seeds with the default hyper-parameters (no per-variant search, so a switch
-is the only difference). The default variant is trained once and shared by all tables. The
-default runs are also scored with the full T-step reverse chain to report the gap between the
-paper's single-step online mode and T-step denoising.
+is the only difference). The default variant is trained once and shared by all tables. Every table
+reports both metric families (serving first; see :mod:`qdrank.evaluation.evaluate`). The default
+runs are also scored with the full T-step reverse chain to report the gap between the paper's
+single-step online mode and T-step denoising.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ def variants() -> list[Variant]:
 
 
 def denoise_gap(out: Path, data: Path, seeds: int, overrides: list[str]) -> dict | None:
-    """Test AUC of the default runs with 1 denoising step vs the full T-step chain."""
+    """Test serving AUC of the default runs with 1 denoising step vs the full T-step chain."""
     from qdrank.data.dataset import SearchLogDataset
     from qdrank.evaluation.evaluate import metrics_from_predictions, predict
     from qdrank.training import checkpoint as ckpt
@@ -67,11 +68,11 @@ def denoise_gap(out: Path, data: Path, seeds: int, overrides: list[str]) -> dict
         for key, steps in (("1", 1), ("T", model.schedule.steps)):
             model.denoise_steps = steps
             pred = predict(model, ds, "test", cfg.train.eval_batch_size, resolve_device("cpu"))
-            logits[key] = pred["ctr"]
+            logits[key] = pred["serving_ctr"]
             res[key].append(metrics_from_predictions(ds, pred))
         max_diff = max(max_diff, float(np.abs(logits["1"] - logits["T"]).max()))
-    agg = {k: aggregate(v, ["ctr_auc", "ctr_gauc"]) for k, v in res.items()}
-    gap = [a["ctr_auc"] - b["ctr_auc"] for a, b in zip(res["1"], res["T"])]
+    agg = {k: aggregate(v, ["serving_ctr_auc", "serving_ctr_gauc"]) for k, v in res.items()}
+    gap = [a["serving_ctr_auc"] - b["serving_ctr_auc"] for a, b in zip(res["1"], res["T"])]
     return {"one_step": agg["1"], "t_steps": agg["T"], "auc_gap_mean": float(np.mean(gap)),
             "auc_gap_max_abs": float(np.max(np.abs(gap))), "max_abs_logit_diff": max_diff}
 
@@ -80,14 +81,17 @@ def run_ablation(data: Path, out: Path, seeds: int = 3, overrides: list[str] | N
     log = log or (lambda m: print(m, file=sys.stderr))
     out = Path(out)
     spec = BenchmarkSpec(data=Path(data), models=variants(), seeds=seeds, overrides=overrides or [], search=False,
-                         base_model=DEFAULT, title=f"DiffusionGS ablation variants on {data}")
+                         base_model=DEFAULT, title=f"DiffusionGS ablation variants on {data}", baselines=False)
     payload = run_benchmark(spec, out, log=log)
     per = payload["models"]
-    cols = [(k, h) for k, h in (("ctr_auc", "CTR AUC"), ("ctr_gauc", "CTR GAUC"), ("cvr_auc", "CVR AUC"),
-                                ("cvr_gauc", "CVR GAUC"))
+    cols = [(k, h) for k, h in (("serving_ctr_auc", "serving CTR AUC"), ("serving_ctr_gauc", "serving CTR GAUC"),
+                                ("serving_cvr_auc", "serving CVR AUC"), ("serving_cvr_gauc", "serving CVR GAUC"),
+                                ("serving_rel_gauc", "serving GAUC vs true_rel"),
+                                ("as_shown_ctr_auc", "as_shown CTR AUC"), ("as_shown_ctr_gauc", "as_shown CTR GAUC"))
             if any(not math.isnan(r["test"].get(k, {}).get("mean", float("nan"))) for r in per.values())]
     md_parts, tables = [f"# DiffusionGS ablations on `{data}`\n\nmean ± std of test metrics over {seeds} seed(s); "
-                        "each variant changes one switch of the default model.\n"], {}
+                        "each variant changes one switch of the default model. serving = position-free scores "
+                        "(primary), as_shown = logged position through the position tower.\n"], {}
     for title, rows in TABLES.items():
         trows = []
         for name, ov in rows:
@@ -101,8 +105,10 @@ def run_ablation(data: Path, out: Path, seeds: int = 3, overrides: list[str] | N
     gap = denoise_gap(out, Path(data), seeds, overrides or [])
     if gap:
         md_parts.append(f"### Single-step vs T-step denoising (default model, test)\n\n"
-                        f"1 step: AUC {gap['one_step']['ctr_auc']['mean']:.4f} ± {gap['one_step']['ctr_auc']['std']:.4f}; "
-                        f"T steps: AUC {gap['t_steps']['ctr_auc']['mean']:.4f} ± {gap['t_steps']['ctr_auc']['std']:.4f}; "
+                        f"1 step: serving AUC {gap['one_step']['serving_ctr_auc']['mean']:.4f} ± "
+                        f"{gap['one_step']['serving_ctr_auc']['std']:.4f}; "
+                        f"T steps: serving AUC {gap['t_steps']['serving_ctr_auc']['mean']:.4f} ± "
+                        f"{gap['t_steps']['serving_ctr_auc']['std']:.4f}; "
                         f"mean gap (1 - T) {gap['auc_gap_mean']:+.5f}, largest |gap| {gap['auc_gap_max_abs']:.5f}; "
                         f"largest |CTR logit difference| over test impressions {gap['max_abs_logit_diff']:.2e}.\n")
     md = "\n\n".join(md_parts)

@@ -17,7 +17,7 @@ import numpy as np
 
 from qdrank.utils.io import atomic_output, atomic_write_bytes, atomic_write_json, atomic_write_text
 
-__all__ = ["aggregate", "bar_plot", "format_value", "markdown_table", "write_report"]
+__all__ = ["aggregate", "bar_plot", "family_rows", "format_value", "markdown_table", "serving_plot", "write_report"]
 
 MISSING = "–"  # en dash
 
@@ -125,7 +125,94 @@ def markdown_table(
     return "\n".join(lines) + "\n"
 
 
+def family_rows(name: str, m: Mapping[str, Any]) -> tuple[list[dict], list[tuple[str, str]]]:
+    """One metrics dict of :func:`qdrank.evaluation.evaluate.evaluate` as table rows: one row per
+    metric family (serving first), then the oracle rows on simulated data. Returns (rows, columns)."""
+    fams = ("serving", "as_shown")
+    keys = ("ctr_auc", "ctr_gauc", "ctr_gauc_w", "ctr_logloss", "cvr_auc", "cvr_gauc")
+    rows: list[dict] = []
+    for fam in fams:
+        if f"{fam}_ctr_auc" in m:
+            rows.append({"model": name, "family": fam, **{k: m[f"{fam}_{k}"] for k in keys if f"{fam}_{k}" in m}})
+        else:
+            rows.append({"model": name, "family": fam, **dict.fromkeys(keys, "n/a")})
+    if "serving_rel_gauc" in m:
+        rows[0].update(rel_gauc=m["serving_rel_gauc"], rel_ndcg10=m.get("serving_rel_ndcg10"))
+    for fam, what in (("serving", "true_rel"), ("as_shown", "true_ctr")):
+        o = {k: m[f"oracle_{fam}_{k}"] for k in keys if f"oracle_{fam}_{k}" in m}
+        if o:
+            rows.append({"model": f"oracle (ranks by {what})", "family": fam, **o})
+    present = [k for k in keys if any(k in r and r[k] != "n/a" for r in rows)]
+    cols = [("family", "Family"), *((k, k) for k in present)]
+    if "serving_rel_gauc" in m:
+        cols += [("rel_gauc", "GAUC vs true_rel"), ("rel_ndcg10", "NDCG@10 vs true_rel")]
+    return rows, cols
+
+
 # --------------------------------------------------------------------------- plots
+
+
+def serving_plot(models: Mapping[str, Mapping[str, Any]], metric: str, path: str | Path, title: str,
+                 reference: float | None = None) -> Path:
+    """One bar per model: mean of ``metric`` over seeds, std error bar and every seed as a dot.
+
+    ``models`` is the benchmark's ``per_model`` (``{"kind", "uses_logged_position", "test":
+    {metric: aggregate}}``); baselines are grey and hatched, a model without the metric's family
+    shows "n/a"; ``reference`` (the oracle) is a dashed line.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
+
+    path = Path(path)
+    names = list(models)
+    fig = Figure(figsize=(max(4.0, 0.62 * len(names) + 1.6), 4.4), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    lo_vals: list[float] = []
+    hi_vals: list[float] = []
+    for i, name in enumerate(names):
+        r = models[name]
+        agg = r["test"].get(metric, {})
+        mean, std = _mean_std(agg)
+        base = r.get("kind") == "baseline"
+        if math.isnan(mean):
+            ax.annotate("n/a", xy=(i, 0.0), xycoords=("data", "axes fraction"), xytext=(0, 3),
+                        textcoords="offset points", ha="center", fontsize=8, color="0.4")
+            continue
+        ax.bar(i, mean, yerr=std, width=0.7, color="0.75" if base else "tab:blue", hatch="//" if base else None,
+               edgecolor="0.35", capsize=3, zorder=2)
+        seeds = [v for v in agg.get("values", []) if v is not None and not math.isnan(_as_float(v))]
+        ax.scatter([i] * len(seeds), seeds, s=9, color="black", zorder=3)
+        ax.annotate(f"{mean:.4f}", xy=(i, mean + std), xytext=(0, 3), textcoords="offset points", ha="center",
+                    va="bottom", fontsize=7, rotation=90 if len(names) > 6 else 0, zorder=4)
+        lo_vals += [mean - std, *seeds]
+        hi_vals += [mean + std, *seeds]
+    if reference is not None and not math.isnan(_as_float(reference)):
+        ax.axhline(float(reference), color="0.2", linestyle="--", linewidth=1.2, zorder=1)
+        ax.annotate(f"oracle {float(reference):.4f}", xy=(1.0, float(reference)), xycoords=("axes fraction", "data"),
+                    xytext=(-2, 3), textcoords="offset points", ha="right", fontsize=8)
+        lo_vals.append(float(reference))
+        hi_vals.append(float(reference))
+    if lo_vals:
+        lo, hi = min(lo_vals), max(hi_vals)
+        span = max(hi - lo, 1e-3)
+        ax.set_ylim(max(lo - 0.35 * span, 0.0), hi + 0.45 * span)
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels(names, rotation=35 if len(names) > 4 else 0, ha="right" if len(names) > 4 else "center",
+                       fontsize=8)
+    ax.set_ylabel(metric)
+    ax.grid(axis="y", linestyle=":", linewidth=0.6, zorder=0)
+    ax.spines[["top", "right"]].set_visible(False)
+    ax.legend(handles=[Patch(facecolor="0.75", hatch="//", edgecolor="0.35", label="baseline"),
+                       Patch(facecolor="tab:blue", edgecolor="0.35", label="learned model")],
+              fontsize=8, loc="upper left")
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    atomic_write_bytes(path, buf.getvalue())
+    return path
 
 
 def _mean_std(v: Any) -> tuple[float, float]:

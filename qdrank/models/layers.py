@@ -374,11 +374,15 @@ class TwoTaskHead(nn.Module):
 class PositionBias(nn.Module):
     """Shallow position tower (PAL-style): a logit offset per shown position.
 
-    Logged impressions carry their position, so training and offline evaluation estimate the
-    click probability of the impression as it was shown (comparable with the simulator's oracle,
-    whose true CTR includes position bias). A live request has no position (0 = unknown = no
-    offset), so serving ranks by relevance alone; the offset is the same for every candidate at
-    a given position and cannot be gamed by the ranker.
+    A training-time debiasing device. A logged click mixes relevance with where the old ranker
+    showed the item (top positions get clicked more whatever they hold). Training adds this
+    offset for the logged position so the position effect is explained by the tower and not
+    absorbed into the relevance score (PAL, Guo et al. 2019). A live request has no position, so
+    serving scores without it (``forward(use_position=False)``, what ``Ranker.rank`` computes),
+    and the primary ``serving`` metric family evaluates exactly that. The ``as_shown`` family
+    adds the offset for the logged position: it measures how well the model explains the log,
+    inflated by the old ranker's ordering, and is reported second. The offset is the same for
+    every candidate at a given position, so it cannot change a live ranking.
     """
 
     def __init__(self):

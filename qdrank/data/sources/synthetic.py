@@ -2,9 +2,9 @@
 
 ``prepare(out=..., seed=0)`` writes a canonical dataset (see :mod:`qdrank.data.schema`) whose labels
 come from a known ground-truth model, so every method can be compared with the *oracle* (the exact
-click probabilities, stored as ``true_ctr`` / ``true_cvr``; each request's intent category is stored as
-``true_intent``, the ground truth of query steering in ``qdrank explain``). The same seed and parameters always give
-identical tables; ``chunk_requests`` only changes how the tables are written, never their content.
+click probabilities, stored as ``true_ctr`` / ``true_cvr``, and the position-free ``true_rel``; each
+request's intent category is stored as ``true_intent``, the ground truth of query steering in
+``qdrank explain``). The same seed and parameters always give identical tables; ``chunk_requests`` only changes how the tables are written, never their content.
 
 Scales (``scale=`` picks a preset from :data:`SCALES`; explicit non-default arguments win)::
 
@@ -59,7 +59,9 @@ rest from the whole catalogue by popularity (retrieval noise). 30% of shown item
 which gives the 0-based ``position``. An item's title has two distinct words of its category's
 vocabulary; ``overlap`` (0-2) counts the query's vocabulary words found in the title of a matching item.
 
-**Click.** ``true_ctr = sigmoid(z) / (1 + kappa_dev * position)`` and ``click ~ Bernoulli(true_ctr)``, with
+**Click.** ``true_ctr = true_rel / (1 + kappa_dev * position)`` and ``click ~ Bernoulli(true_ctr)``, where
+``true_rel = sigmoid(z)`` is the position-free click probability (the click probability at the
+top position: what a live ranker should rank by, the counterfactual oracle), with
 ``kappa = .22`` mobile, ``.12`` desktop, ``.16`` app, and::
 
     z = -3.7 + m_dev * (2.5 * match + .8 * overlap) + 1.6 * interest(category)
@@ -507,7 +509,8 @@ def _request_block(w: _World, seed: int, b: int, r0: int, r1: int, n_requests: i
     order = np.argsort(-score, axis=1, kind="stable")
     items, z, v, discount = (np.take_along_axis(a, order, 1) for a in (items, z, v, discount))
     pos = np.broadcast_to(np.arange(k), (n, k))
-    ctr = _sigmoid(z) / (1.0 + _KAPPA[device][:, None] * pos)
+    rel = _sigmoid(z)  # position-free: the counterfactual oracle's relevance
+    ctr = rel / (1.0 + _KAPPA[device][:, None] * pos)
     cvr = _sigmoid(v)
     click = rng.random((n, k)) < ctr
     purchase = click & (rng.random((n, k)) < cvr)
@@ -534,6 +537,7 @@ def _request_block(w: _World, seed: int, b: int, r0: int, r1: int, n_requests: i
         "discount": pa.array(discount.ravel()),
         "true_ctr": pa.array(ctr.ravel()),
         "true_cvr": pa.array(cvr.ravel()),
+        "true_rel": pa.array(rel.ravel()),
     })
     # the request's own outcomes, logged at the request's own timestamp (request, position order)
     flat = np.concatenate([np.flatnonzero(imp_log), np.flatnonzero(click), np.flatnonzero(purchase)])
@@ -570,7 +574,8 @@ def _spec() -> dict:
         "features": {
             "device": dict(cat), "hour": dict(cat),
             "price": dict(num), "discount": dict(num),
-            "true_ctr": {"type": "ignore"}, "true_cvr": {"type": "ignore"}, "true_intent": {"type": "ignore"},
+            "true_ctr": {"type": "ignore"}, "true_cvr": {"type": "ignore"}, "true_rel": {"type": "ignore"},
+            "true_intent": {"type": "ignore"},
             "category": dict(cat), "brand": dict(cat), "price_level": dict(cat), "base_price": dict(num),
             "title": {"type": "text"},
             "age_group": dict(cat), "gender": dict(cat), "city_tier": dict(cat),
