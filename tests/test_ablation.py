@@ -96,3 +96,27 @@ def test_explain_rejects_models_without_dynamic_interest(tiny_dataset, tmp_path)
     Trainer(tiny_config("dnn", "train.max_epochs=1"), ds, tmp_path / "r").fit()
     with pytest.raises(ValueError, match="no dynamic interest"):
         explain_request(tmp_path / "r", None, int(ds.request_id[0]), tmp_path / "x.png")
+
+
+def test_ablate_ifusion_cli(tiny_data, tmp_path):
+    """iFusion's Figure 3 (CFG vs DCFG, AR vs NAR, consistency) and Figure 4a (schedule x steps)."""
+    from qdrank.evaluation.ablation import IFUSION_STEPS, IFUSION_TABLES
+
+    labels = [v.label for v in variants("ifusion")]
+    assert len(labels) == len(set(labels)) == 7  # the default shared by all figures
+    out = tmp_path / "abl_if"
+    args = ["ablate", "ifusion", "--data", str(tiny_data), "--seeds", "1", "--out", str(out)]
+    for s in [*FAST, "model.short_len=4", "model.sessions=2", "model.diffusion_steps=10"]:
+        args += ["--set", s]
+    assert main(args) == 0
+    res = json.loads((out / "ablation.json").read_text())
+    assert res["model"] == "ifusion" and set(res["tables"]) == set(IFUSION_TABLES)
+    for rows in res["tables"].values():
+        for row in rows:
+            assert 0 <= row["serving_ctr_auc"]["mean"] <= 1
+    # the schedules' runs re-scored at every step count the schedule has (T = 10 here)
+    for by_k in res["steps"].values():
+        assert set(by_k) == {str(k) for k in IFUSION_STEPS if k <= 10}
+    md = (out / "ablation.md").read_text()
+    assert "Figure 3a" in md and "Figure 4a" in md and "--set model.guidance=cfg" in md
+    assert (out / "ablation.png").read_bytes()[:4] == b"\x89PNG"

@@ -171,7 +171,7 @@ def test_gbdt_learns_a_planted_feature(tmp_path):
     cfg = tiny_config("gbdt", *FAST["gbdt"])
     ds = SearchLogDataset(data, cfg.data, log=lambda m: None)
     res = Trainer(cfg, ds, tmp_path / "run", log=lambda m: None).fit()
-    assert res["test"]["ctr_auc"] > 0.75 and res["test"]["ctr_gauc"] > 0.75
+    assert res["test"]["serving_ctr_auc"] > 0.75 and res["test"]["serving_ctr_gauc"] > 0.75
     assert res["best_epoch"] == 0 and res["n_parameters"] == 0
     assert res["fitted"]["trees"] > 0
     top = next(iter(res["fitted"]["top_features_by_gain"]))

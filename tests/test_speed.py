@@ -256,6 +256,6 @@ def test_fast_path_keeps_test_gauc(tiny_dataset, tmp_path):
         tr = Trainer(tiny_config("dnn", "train.max_epochs=3", "train.patience=3", "train.lr=0.003", *extra),
                      ds, tmp_path / path, log=lambda m: None)
         tr.model.emb.fast = path == "fast"
-        res[path] = tr.fit()["test"]["ctr_gauc"]
+        res[path] = tr.fit()["test"]["serving_ctr_gauc"]
     assert res["reference"] > 0.55, res
     assert abs(res["fast"] - res["reference"]) <= GAUC_TOLERANCE, res

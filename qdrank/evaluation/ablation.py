@@ -33,17 +33,54 @@ TABLES: dict[str, list[tuple[str, list[str]]]] = {
 DEFAULT_LAYERS = [f"model.layers={build_config(DEFAULT).model.layers}"]  # that row is the default model
 
 
-def _label(overrides: list[str]) -> str:
-    return DEFAULT if not overrides else DEFAULT + "[" + ",".join(o.removeprefix("model.") for o in overrides) + "]"
+# iFusion (its Figure 3 a-c, Figure 4a): one switch per row; the schedules' runs are also scored
+# with several inference step counts (Figure 4a is schedule x steps)
+IFUSION_TABLES: dict[str, list[tuple[str, list[str]]]] = {
+    "Figure 3a: guidance": [("DCFG (default)", []), ("single-gamma CFG", ["model.guidance=cfg"]),
+                            ("no guidance (gammas 0)", ["model.gamma_cp=0.0", "model.gamma_tf=0.0"])],
+    "Figure 3b: session fusion": [("AR / MARN (default)", []), ("NAR", ["model.fusion=nar"])],
+    "Figure 3c: consistency loss": [("on (default)", []), ("off", ["model.cons_weight=0.0"])],
+    "Figure 4a: noise schedule": [("cosine (default)", []), ("linear", ["model.schedule=linear"]),
+                                  ("sqrt", ["model.schedule=sqrt"])],
+}
+IFUSION_STEPS = (1, 2, 5, 10, 50)
 
 
-def variants() -> list[Variant]:
+def _label(overrides: list[str], model: str = DEFAULT) -> str:
+    return model if not overrides else model + "[" + ",".join(o.removeprefix("model.") for o in overrides) + "]"
+
+
+def variants(model: str = DEFAULT) -> list[Variant]:
+    tables, default_rows = (TABLES, DEFAULT_LAYERS) if model == DEFAULT else (IFUSION_TABLES, [])
     seen: dict[str, Variant] = {}
-    for rows in TABLES.values():
+    for rows in tables.values():
         for _, ov in rows:
-            ov = [] if ov == DEFAULT_LAYERS else ov  # the default depth is the default model
-            seen.setdefault(_label(ov), Variant(_label(ov), DEFAULT, ov))
+            ov = [] if ov == default_rows else ov  # the default depth is the default model
+            seen.setdefault(_label(ov, model), Variant(_label(ov, model), model, ov))
     return list(seen.values())
+
+
+def steps_sweep(out: Path, data: Path, seeds: int, label: str, overrides: list[str], steps: tuple[int, ...]
+                ) -> dict[int, dict]:
+    """Test metrics of one variant's runs re-scored with each number of inference steps (no retraining)."""
+    from qdrank.data.dataset import SearchLogDataset
+    from qdrank.evaluation.evaluate import metrics_from_predictions, predict
+    from qdrank.training import checkpoint as ckpt
+    from qdrank.utils.runtime import resolve_device
+
+    runs = sorted((out / "runs" / label / point_tag({})).glob("seed*"))[:seeds]
+    res: dict[int, list] = {k: [] for k in steps}
+    ds = None
+    for run in runs:
+        model, cfg, fmap = ckpt.load_model(run)
+        ds = ds or SearchLogDataset(data, cfg.data, fmap=fmap, log=lambda m: None)
+        for k in steps:
+            if k > model.schedule.steps:
+                continue
+            model.denoise_steps = k
+            res[k].append(metrics_from_predictions(ds, predict(model, ds, "test", cfg.train.eval_batch_size,
+                                                               resolve_device("cpu"))))
+    return {k: aggregate(v, ["serving_ctr_auc", "serving_ctr_gauc"]) for k, v in res.items() if v}
 
 
 def denoise_gap(out: Path, data: Path, seeds: int, overrides: list[str]) -> dict | None:
@@ -77,31 +114,23 @@ def denoise_gap(out: Path, data: Path, seeds: int, overrides: list[str]) -> dict
             "auc_gap_max_abs": float(np.max(np.abs(gap))), "max_abs_logit_diff": max_diff}
 
 
-def run_ablation(data: Path, out: Path, seeds: int = 3, overrides: list[str] | None = None, log=None) -> dict:
+def run_ablation(data: Path, out: Path, seeds: int = 3, overrides: list[str] | None = None, log=None,
+                 model: str = DEFAULT) -> dict:
+    if model == "ifusion":
+        return run_ifusion_ablation(data, out, seeds, overrides, log)
+    if model != DEFAULT:
+        raise ValueError(f"no ablations are defined for {model!r}; choose diffusiongs or ifusion")
     log = log or (lambda m: print(m, file=sys.stderr))
     out = Path(out)
     spec = BenchmarkSpec(data=Path(data), models=variants(), seeds=seeds, overrides=overrides or [], search=False,
                          base_model=DEFAULT, title=f"DiffusionGS ablation variants on {data}", baselines=False)
     payload = run_benchmark(spec, out, log=log)
     per = payload["models"]
-    cols = [(k, h) for k, h in (("serving_ctr_auc", "serving CTR AUC"), ("serving_ctr_gauc", "serving CTR GAUC"),
-                                ("serving_cvr_auc", "serving CVR AUC"), ("serving_cvr_gauc", "serving CVR GAUC"),
-                                ("serving_rel_gauc", "serving GAUC vs true_rel"),
-                                ("as_shown_ctr_auc", "as_shown CTR AUC"), ("as_shown_ctr_gauc", "as_shown CTR GAUC"))
-            if any(not math.isnan(r["test"].get(k, {}).get("mean", float("nan"))) for r in per.values())]
-    md_parts, tables = [f"# DiffusionGS ablations on `{data}`\n\nmean ± std of test metrics over {seeds} seed(s); "
-                        "each variant changes one switch of the default model. serving = position-free scores "
-                        "(primary), as_shown = logged position through the position tower.\n"], {}
-    for title, rows in TABLES.items():
-        trows = []
-        for name, ov in rows:
-            ov = [] if ov == DEFAULT_LAYERS else ov
-            r = per[_label(ov)]
-            trows.append({"model": name, "switch": " ".join(f"--set {o}" for o in ov) or "(default)",
-                          **{k: r["test"][k] for k in METRIC_KEYS if k in r["test"]}})
-        tables[title] = trows
-        md_parts.append(markdown_table(trows, [("switch", "Switch"), *cols], title=title,
-                                       bold_best={k for k, _ in cols}))
+    cols = _columns(per)
+    md_parts = [f"# DiffusionGS ablations on `{data}`\n\nmean ± std of test metrics over {seeds} seed(s); "
+                "each variant changes one switch of the default model. serving = position-free scores "
+                "(primary), as_shown = logged position through the position tower.\n"]
+    tables = _tables(per, TABLES, DEFAULT_LAYERS, DEFAULT, cols, md_parts)
     gap = denoise_gap(out, Path(data), seeds, overrides or [])
     if gap:
         md_parts.append(f"### Single-step vs T-step denoising (default model, test)\n\n"
@@ -136,8 +165,89 @@ def run_ablation(data: Path, out: Path, seeds: int = 3, overrides: list[str] | N
         fig.savefig(path, dpi=120)
         plt.close(fig)
 
-    result = {"data": str(data), "seeds": seeds, "tables": tables, "denoise_gap": gap}
+    result = {"model": DEFAULT, "data": str(data), "seeds": seeds, "tables": tables, "denoise_gap": gap}
     write_report(out, "ablation", result, md, plot=plot)
     print(md)
     print(f"\nwritten: {out}/ablation.md, ablation.json, ablation.png (scaling plot)")
+    return result
+
+
+def _columns(per: dict) -> list[tuple[str, str]]:
+    return [(k, h) for k, h in (("serving_ctr_auc", "serving CTR AUC"), ("serving_ctr_gauc", "serving CTR GAUC"),
+                                ("serving_cvr_auc", "serving CVR AUC"), ("serving_cvr_gauc", "serving CVR GAUC"),
+                                ("serving_rel_gauc", "serving GAUC vs true_rel"),
+                                ("as_shown_ctr_auc", "as_shown CTR AUC"), ("as_shown_ctr_gauc", "as_shown CTR GAUC"))
+            if any(not math.isnan(r["test"].get(k, {}).get("mean", float("nan"))) for r in per.values())]
+
+
+def _tables(per: dict, spec: dict, default_rows: list[str], model: str, cols: list, md_parts: list[str]) -> dict:
+    """One Markdown table per entry of ``spec`` (rows = variants' test metrics), appended to ``md_parts``."""
+    tables = {}
+    for title, rows in spec.items():
+        trows = []
+        for name, ov in rows:
+            ov = [] if ov == default_rows else ov
+            r = per[_label(ov, model)]
+            trows.append({"model": name, "switch": " ".join(f"--set {o}" for o in ov) or "(default)",
+                          **{k: r["test"][k] for k in METRIC_KEYS if k in r["test"]}})
+        tables[title] = trows
+        md_parts.append(markdown_table(trows, [("switch", "Switch"), *cols], title=title,
+                                       bold_best={k for k, _ in cols}))
+    return tables
+
+
+def run_ifusion_ablation(data: Path, out: Path, seeds: int = 3, overrides: list[str] | None = None,
+                         log=None) -> dict:
+    """iFusion's Figure 3 (CFG vs DCFG, AR vs NAR, consistency on/off) and Figure 4a (schedule x
+    inference steps), every variant trained under one budget, the default once."""
+    log = log or (lambda m: print(m, file=sys.stderr))
+    out = Path(out)
+    spec = BenchmarkSpec(data=Path(data), models=variants("ifusion"), seeds=seeds, overrides=overrides or [],
+                         search=False, base_model="ifusion", title=f"iFusion ablation variants on {data}",
+                         baselines=False)
+    per = run_benchmark(spec, out, log=log)["models"]
+    cols = _columns(per)
+    md_parts = [f"# iFusion ablations on `{data}`\n\nmean ± std of test metrics over {seeds} seed(s); each "
+                "variant changes one switch of the default model (serving = position-free, primary).\n"]
+    tables = _tables(per, IFUSION_TABLES, [], "ifusion", cols, md_parts)
+    sweep = {}
+    for name, ov in IFUSION_TABLES["Figure 4a: noise schedule"]:
+        sweep[name] = steps_sweep(out, Path(data), seeds, _label(ov, "ifusion"), ov, IFUSION_STEPS)
+    head = "| schedule | " + " | ".join(f"{k} step{'s' if k > 1 else ''}" for k in IFUSION_STEPS) + " |"
+    lines = ["### Figure 4a: serving CTR AUC by schedule and inference steps (test)", "", head,
+             "|:---|" + "---:|" * len(IFUSION_STEPS)]
+    for name, by_k in sweep.items():
+        cells = [f"{by_k[k]['serving_ctr_auc']['mean']:.4f} ± {by_k[k]['serving_ctr_auc']['std']:.4f}"
+                 if k in by_k else "–" for k in IFUSION_STEPS]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    md_parts.append("\n".join(lines) + "\n")
+    md = "\n\n".join(md_parts)
+
+    def plot(path: Path) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(5.5, 3.6))
+        for name, by_k in sweep.items():
+            ks = [k for k in IFUSION_STEPS if k in by_k]
+            ax.errorbar(ks, [by_k[k]["serving_ctr_auc"]["mean"] for k in ks],
+                        yerr=[by_k[k]["serving_ctr_auc"]["std"] for k in ks], marker="o", capsize=3, label=name)
+        ax.set_xscale("log")
+        ax.set_xticks(list(IFUSION_STEPS), [str(k) for k in IFUSION_STEPS])
+        ax.set_xlabel("inference steps")
+        ax.set_ylabel("serving CTR AUC (test)")
+        ax.set_title(f"iFusion Figure 4a ({Path(data).name}, {seeds} seed(s))", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+
+    result = {"model": "ifusion", "data": str(data), "seeds": seeds, "tables": tables,
+              "steps": {name: {str(k): v for k, v in by_k.items()} for name, by_k in sweep.items()}}
+    write_report(out, "ablation", result, md, plot=plot)
+    print(md)
+    print(f"\nwritten: {out}/ablation.md, ablation.json, ablation.png (schedule x steps)")
     return result
