@@ -271,7 +271,7 @@ def test_baseline_served_equals_evaluation(baseline_runs, tiny_data, tmp_path_fa
             continue
         enc = ranker.encode(request_body(tiny_data, row))
         served, _ = ranker.logits(enc.batch)
-        ref = pred["ctr"][pred["group"] == order[row]]
+        ref = pred["serving_ctr"][pred["group"] == order[row]]
         np.testing.assert_allclose(served.numpy(), ref, rtol=0, atol=1e-5)
         checked += 1
     assert checked == 3
