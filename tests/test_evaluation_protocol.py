@@ -141,7 +141,7 @@ def test_trainer_with_embedding_l2_and_schedule(tiny_dataset, tmp_path):
     _, ds = tiny_dataset
     cfg = tiny_config("dnn", "train.max_epochs=1", "train.emb_l2=0.01", "train.lr_schedule=linear")
     tr = Trainer(cfg, ds, tmp_path / "r", log=lambda m: None)
-    assert len(embedding_parameters(tr.model)) >= 2 and tr.emb_params
+    assert len(embedding_parameters(tr.model)) >= 2 and tr.step.emb_params
     res = tr.fit()
     assert res["best_epoch"] == 0 and res["epochs_run"] == 1 and res["converged"] is False
     assert tr.optimizer.param_groups[0]["lr"] < cfg.train.lr  # decayed within the epoch
