@@ -29,8 +29,8 @@ SHAPES = [(0, 1), (1, 3), (5, 8), (12, 17), (20, 2), (35, 5)]
 TOL = 1e-4
 
 
-def _gradient_trained(name: str) -> bool:
-    return getattr(model_class(name), "gradient_trained", True) is not False
+def _exportable(name: str) -> bool:
+    return getattr(model_class(name), "exportable", True) is not False
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +44,7 @@ def tiny_runs(tiny_dataset, tmp_path_factory):
         if name not in cache:
             cfg = tiny_config(name, "model.dim=8")
             run = base / name
-            if not _gradient_trained(name):  # only what export_run reads before refusing
+            if not _exportable(name):  # only what export_run reads before refusing
                 write_json(run / CONFIG, cfg.to_dict())
                 write_json(run / FEATURE_MAP, ds.fmap.to_dict())
                 cache[name] = (None, cfg, run)
@@ -52,6 +52,8 @@ def tiny_runs(tiny_dataset, tmp_path_factory):
             torch.manual_seed(0)
             model = model_class(name)(ds.fmap, cfg.model)
             model.emb.set_item_tables(*ds.item_tables())
+            if not model.gradient_trained:  # a fitted baseline: its statistics are its weights
+                model.fit_data(ds)
             with torch.no_grad():  # move zero-initialised layers away from zero: every path must matter
                 for p in model.parameters():
                     p.add_(0.1 * torch.randn_like(p))
@@ -84,7 +86,7 @@ def _scorer(fmt: str, out: Path):
 def test_export_parity_every_model(name, fmt, tiny_runs, tmp_path):
     model, cfg, run = tiny_runs(name)
     out = tmp_path / f"{name}.{fmt}"
-    if not _gradient_trained(name):
+    if not _exportable(name):
         with pytest.raises(ExportError, match=f"model '{name}' cannot be exported.*not a torch graph"):
             export_run(run, fmt, out)
         assert not out.exists()
@@ -172,7 +174,7 @@ def test_diffusiongs_multi_step_export_parity(fmt, tiny_runs, tmp_path):
 class _Trees(nn.Module):
     """Stands for a model that is not a torch graph (a tree ensemble)."""
 
-    gradient_trained = False
+    exportable = False
 
 
 def test_non_graph_models_are_refused():

@@ -10,7 +10,7 @@ the names ``session.get_inputs()`` lists (:func:`onnx_feed` does that).
 
 Every model of the registry that is a torch graph exports; the graph holds no random-number generator
 (DiffusionGS's inference noise is a stored table), so the export scores any history length and
-candidate count as the model does. A model that is not a torch graph (``gradient_trained = False``,
+candidate count as the model does. A model that is not a torch graph (``exportable = False``,
 e.g. a tree ensemble) or that reads extra batch inputs serving cannot build is refused with
 :class:`ExportError`. Files are written atomically; an OS error (read-only or full disk) is raised as
 the :class:`OSError` it is, not as an export failure.
@@ -41,9 +41,9 @@ def check_exportable(model: object, model_name: str = "model") -> None:
     """Refuse, before any work, a model (instance or class) whose scoring function is not a
     self-contained torch graph."""
     cls = model if isinstance(model, type) else type(model)
-    if not issubclass(cls, nn.Module) or getattr(model, "gradient_trained", True) is False:
+    if not issubclass(cls, nn.Module) or getattr(model, "exportable", True) is False:
         raise ExportError(f"model {model_name!r} cannot be exported to ONNX / TorchScript: it is not a torch "
-                          "graph (gradient_trained = False); serve it with `qdrank serve` instead")
+                          "graph (exportable = False); serve it with `qdrank serve` instead")
     extra = tuple(getattr(model, "extra_inputs", ()) or ())
     if extra:
         raise ExportError(f"model {model_name!r} cannot be exported: it reads extra batch inputs {list(extra)} "

@@ -53,6 +53,7 @@ def valid_gauc(group_sizes: np.ndarray):
 
 class GBDT(Baseline):
     config_class = GBDTConfig
+    exportable = False  # the booster scores in LightGBM, outside the torch graph
 
     def __init__(self, fmap: FeatureMap, cfg: GBDTConfig):
         super().__init__(fmap, cfg)

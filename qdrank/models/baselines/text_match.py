@@ -109,6 +109,7 @@ class TextOverlap(FittedBuffers):
 
 class TextMatch(Baseline):
     config_class = TextMatchConfig
+    exportable = False  # its value lookup uses searchsorted, which ONNX has no operator for
 
     def __init__(self, fmap: FeatureMap, cfg: TextMatchConfig):
         super().__init__(fmap, cfg)
