@@ -10,23 +10,21 @@ promises nothing the server refuses to check). Never a 500.
 from __future__ import annotations
 
 import os
-import threading
 import time
 
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 from test_serving import build_run, build_store
-from test_serving_http import free_port
+from test_serving_http import loopback_server
 
 EXAMPLES = int(os.environ.get("QDRANK_FUZZ_EXAMPLES", "25"))
 
 
 @pytest.fixture(scope="module")
 def fuzz_server(tmp_path_factory, tiny_data):
-    import uvicorn
 
-    from qdrank.serving.http import create_app, openapi_document
+    from qdrank.serving.http import openapi_document
     from qdrank.serving.ranker import Ranker
 
     base = tmp_path_factory.getbasetemp()
@@ -35,17 +33,8 @@ def fuzz_server(tmp_path_factory, tiny_data):
     store.write_bytes(build_store(base, tiny_data).read_bytes())
     # small limits keep generated bodies small; the schema publishes them
     ranker = Ranker.load(run, store=store, max_candidates=50, max_history_inline=50, max_events=50)
-    port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(create_app(ranker), host="127.0.0.1", port=port, log_level="critical"))
-    th = threading.Thread(target=srv.run, daemon=True)
-    th.start()
-    deadline = time.time() + 30
-    while not srv.started:
-        assert th.is_alive() and time.time() < deadline, "server did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", openapi_document(ranker)
-    srv.should_exit = True
-    th.join(timeout=30)
+    with loopback_server(ranker) as url:
+        yield url, openapi_document(ranker)
 
 
 def _operations(doc):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import threading
@@ -25,15 +26,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory, tiny_data):
+@contextlib.contextmanager
+def loopback_server(ranker: Ranker):
+    """A real uvicorn server for ``ranker`` on 127.0.0.1 in a thread -> its base URL; stopped on exit."""
     import uvicorn
 
-    base = tmp_path_factory.getbasetemp()
-    run = build_run(base, tiny_data)
-    store = tmp_path_factory.mktemp("http") / "store.sqlite"  # its own copy: the tests append events
-    store.write_bytes(build_store(base, tiny_data).read_bytes())
-    ranker = Ranker.load(run, store=store, max_body_bytes=MAX_BODY, body_timeout_s=BODY_TIMEOUT)
     port = free_port()
     srv = uvicorn.Server(uvicorn.Config(create_app(ranker), host="127.0.0.1", port=port, log_level="critical"))
     th = threading.Thread(target=srv.run, daemon=True)
@@ -42,11 +39,24 @@ def server(tmp_path_factory, tiny_data):
     while not srv.started:
         assert th.is_alive() and time.time() < deadline, "server did not start"
         time.sleep(0.05)
-    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
-        yield client, ranker
-    srv.should_exit = True
-    th.join(timeout=30)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        srv.should_exit = True
+        th.join(timeout=30)
     assert not th.is_alive()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, tiny_data):
+
+    base = tmp_path_factory.getbasetemp()
+    run = build_run(base, tiny_data)
+    store = tmp_path_factory.mktemp("http") / "store.sqlite"  # its own copy: the tests append events
+    store.write_bytes(build_store(base, tiny_data).read_bytes())
+    ranker = Ranker.load(run, store=store, max_body_bytes=MAX_BODY, body_timeout_s=BODY_TIMEOUT)
+    with loopback_server(ranker) as url, httpx.Client(base_url=url, timeout=60) as client:
+        yield client, ranker
 
 
 def assert_alive(client):

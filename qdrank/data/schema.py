@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 import yaml
 
 from qdrank.data.features import ROLES
+from qdrank.utils.io import replace_dir
 
 REQUESTS = "requests.parquet"
 IMPRESSIONS = "impressions.parquet"
@@ -679,13 +680,7 @@ def atomic_dataset_dir(out: str | os.PathLike, overwrite: bool = True) -> Iterat
     try:
         yield tmp
         validate_dataset(tmp)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
+        replace_dir(tmp, out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

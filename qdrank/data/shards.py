@@ -56,6 +56,7 @@ from qdrank.data.dataset import (
     user_profiles,
 )
 from qdrank.data.features import FeatureMap, stable_hash
+from qdrank.utils.io import replace_dir
 
 MANIFEST = "manifest.json"
 FEATURE_MAP = "feature_map.json"
@@ -336,13 +337,7 @@ def write_shards(data: str | os.PathLike, out: str | os.PathLike, cfg: DataConfi
                     "oracle_columns": [c for c in schema.ORACLE_COLUMNS if c in imp_f.schema_arrow.names],
                     "splits": splits_info}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
+        replace_dir(tmp, out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -17,6 +17,7 @@ import json
 import math
 import os
 import re
+import shutil
 import tempfile
 import time
 from collections.abc import Iterator, Mapping
@@ -174,3 +175,15 @@ def atomic_write_json(path: str | os.PathLike[str], obj: Any, indent: int = 2) -
     """Write ``obj`` as JSON atomically; NaN/inf -> ``null``, numpy types converted."""
     text = json.dumps(to_jsonable(obj), indent=indent, allow_nan=False, ensure_ascii=False)
     return atomic_write_text(path, text + "\n")
+
+
+def replace_dir(tmp: Path, out: Path) -> None:
+    """Move the finished directory ``tmp`` to ``out`` (same filesystem), replacing any directory there:
+    the old one is renamed aside first and deleted last, so ``out`` is never half-written."""
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(out)
