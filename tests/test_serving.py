@@ -423,10 +423,7 @@ def test_onnx_backend_matches_torch(model_name, untrained, tiny_data):
             Ranker(model, cfg, untrained.fmap, ServingConfig.build(backend="onnx"))
         return
     ref = Ranker(model, cfg, untrained.fmap, ServingConfig.build())
-    try:
-        onnx = Ranker(model, cfg, untrained.fmap, ServingConfig.build(backend="onnx"))
-    except ExportError as e:  # visible in the report; passes as soon as the export supports the model
-        pytest.xfail(f"ONNX export does not support {model_name} yet: {str(e).splitlines()[0][:200]}")
+    onnx = Ranker(model, cfg, untrained.fmap, ServingConfig.build(backend="onnx"))
     for body in _parity_requests(untrained.fmap, tiny_data):
         enc = ref.encode(body)
         a, b = ref.logits(enc.batch), onnx.logits(enc.batch)
@@ -435,3 +432,25 @@ def test_onnx_backend_matches_torch(model_name, untrained, tiny_data):
         ra, rb = ref.rank(body), onnx.rank(body)
         assert [c.item_id for c in ra.candidates] == [c.item_id for c in rb.candidates] or \
             max(abs(p.score - q.score) for p, q in zip(ra.candidates, rb.candidates)) < 1e-4
+
+
+def test_onnx_backend_at_a_serving_history_width_other_than_the_runs(untrained, tiny_data, tmp_path):
+    """``max_history`` raised at serving: the ONNX graph is exported at that width and scores as PyTorch;
+    an ``onnx_path`` exported at another width is refused by name, not failed on the first request."""
+    from qdrank.models.registry import model_class
+    from qdrank.serving.export import example_batch, export_model
+
+    torch.manual_seed(0)
+    cfg = tiny_config("din")
+    model = model_class("din")(untrained.fmap, cfg.model).eval()
+    wide = 2 * cfg.data.max_history
+    ref = Ranker(model, cfg, untrained.fmap, ServingConfig.build(max_history=wide))
+    onnx = Ranker(model, cfg, untrained.fmap, ServingConfig.build(backend="onnx", max_history=wide))
+    for body in _parity_requests(untrained.fmap, tiny_data):
+        enc = ref.encode(body)
+        assert enc.batch.hist_item.shape[1] == wide
+        for x, y in zip(ref.logits(enc.batch), onnx.logits(enc.batch)):
+            assert float((x - y).abs().max()) < 1e-4
+    narrow = export_model(model, example_batch(untrained.fmap, cfg), tmp_path / "narrow.onnx", "onnx", "din")
+    with pytest.raises(ValueError, match="narrow.onnx.*exported for histories"):
+        Ranker(model, cfg, untrained.fmap, ServingConfig.build(backend="onnx", max_history=wide, onnx_path=str(narrow)))

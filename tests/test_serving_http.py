@@ -347,3 +347,38 @@ def test_serve_workers_share_one_store(tmp_path, tiny_data, tmp_path_factory):
     finally:
         srv.terminate()
         srv.wait(timeout=30)
+
+
+def test_connections_disable_nagle_even_on_uvicorns_multiworker_socket(monkeypatch):
+    """uvicorn binds the ``--workers`` socket with protocol number 0, so asyncio leaves Nagle on; with
+    the client's delayed ACK that added ~46 ms to every request. The server's protocol turns it off."""
+    import uvicorn
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    from qdrank.serving import http as http_mod
+
+    monkeypatch.setattr(H11Protocol, "connection_made", lambda self, transport: None)
+
+    class Transport:
+        def __init__(self, sock):
+            self.sock = sock
+
+        def get_extra_info(self, name):
+            return self.sock if name == "socket" else None
+
+    with socket.socket(socket.AF_INET) as srv:  # as uvicorn.Config.bind_socket does
+        srv.bind(("127.0.0.1", 0))
+        srv.listen()
+        with socket.create_connection(srv.getsockname()) as _client:
+            conn, _ = srv.accept()
+            with conn:
+                assert conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 0
+                http_mod.NoDelayH11Protocol.__new__(http_mod.NoDelayH11Protocol).connection_made(Transport(conn))
+                assert conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+
+    seen = {}
+    for k in ("QDRANK_SERVE_CONFIG", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        monkeypatch.setenv(k, "")  # serve() sets them for its workers; restored after the test
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.update(kw))
+    http_mod.serve(None, workers=2, worker_config={"run": "r", "overrides": {}})
+    assert seen["http"] == "qdrank.serving.http:NoDelayH11Protocol" and seen["workers"] == 2

@@ -167,8 +167,9 @@ def export_run(run_dir: str | Path, fmt: str, out: str | Path | None = None, den
     return export_model(model, example, out, fmt, cfg.model_name)
 
 
-def example_batch(fmap, cfg, n_candidates: int = 8, n_history: int = 5) -> Batch:
-    """A request of known items (and a short history) encoded with the run's feature map."""
+def example_batch(fmap, cfg, n_candidates: int = 8, n_history: int = 5, max_history: int | None = None) -> Batch:
+    """A request of known items (and a short history) encoded with the run's feature map, its history
+    padded to ``max_history`` (default the run's ``data.max_history``): the width an exported graph keeps."""
     from qdrank.serving.ranker import RequestEncoder
     from qdrank.serving.schemas import RankRequest
 
@@ -179,4 +180,4 @@ def example_batch(fmap, cfg, n_candidates: int = 8, n_history: int = 5) -> Batch
         history=[{"item_id": items[i % len(items)], "timestamp": 1_000_000 - 60 * (i + 1), "action": "click",
                   "query": "example"} for i in range(n_history)],
         candidates=[{"item_id": i} for i in items])
-    return RequestEncoder(fmap, cfg.data).encode(req, None).batch
+    return RequestEncoder(fmap, cfg.data, max_history).encode(req, None).batch

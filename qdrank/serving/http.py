@@ -19,10 +19,12 @@ rules, with the run's own feature names and types.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import math
 import os
+import socket
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -30,6 +32,7 @@ import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from qdrank.serving.ranker import Ranker
 from qdrank.serving.schemas import (
@@ -313,6 +316,22 @@ def _json_safe(v: Any) -> Any:
 
 
 # ---- serving processes ------------------------------------------------------------------------------------
+class NoDelayH11Protocol(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol with TCP_NODELAY on every connection.
+
+    With ``workers > 1`` uvicorn binds the shared socket as ``socket.socket(family)`` (protocol number
+    0), and asyncio disables Nagle's algorithm only on sockets whose protocol is IPPROTO_TCP. Responses
+    written as headers + body then wait for the client's delayed ACK: measured ~46 ms added to every
+    request at concurrency 1 (56 ms instead of 10 ms, DiffusionGS, 500 candidates)."""
+
+    def connection_made(self, transport) -> None:  # type: ignore[override]
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        super().connection_made(transport)
+
+
 def app_from_env() -> FastAPI:
     """App factory of a worker process (``qdrank serve --workers N``): config from $QDRANK_SERVE_CONFIG."""
     cfg = json.loads(os.environ[ENV_CONFIG])
@@ -325,7 +344,8 @@ def serve(ranker: Ranker | None = None, host: str = "127.0.0.1", port: int = 800
     """One process (``ranker``), or ``workers`` processes each loading ``worker_config`` (run, store, overrides)."""
     import uvicorn
 
-    kw = dict(host=host, port=port, log_level=log_level, access_log=False, timeout_keep_alive=30)
+    kw = dict(host=host, port=port, log_level=log_level, access_log=False, timeout_keep_alive=30,
+              http="qdrank.serving.http:NoDelayH11Protocol")
     if workers <= 1:
         uvicorn.run(create_app(ranker), **kw)
         return

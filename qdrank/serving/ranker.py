@@ -367,7 +367,7 @@ class OnnxScorer:
     server runs one process per core, so the library's own pools would only oversubscribe."""
 
     def __init__(self, model: torch.nn.Module, cfg: RunConfig, fmap: FeatureMap, path: str | Path | None,
-                 num_threads: int):
+                 num_threads: int, max_history: int):
         try:
             import onnxruntime as ort
         except ImportError:
@@ -379,8 +379,8 @@ class OnnxScorer:
         self._tmp = None
         if path is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="qdrank-onnx-")
-            path = export_model(model, example_batch(fmap, cfg), Path(self._tmp.name) / "model.onnx", "onnx",
-                                cfg.model_name)
+            path = export_model(model, example_batch(fmap, cfg, max_history=max_history),
+                                Path(self._tmp.name) / "model.onnx", "onnx", cfg.model_name)
         so = ort.SessionOptions()
         if num_threads > 0:
             so.intra_op_num_threads = int(num_threads)
@@ -390,6 +390,11 @@ class OnnxScorer:
         self.path = Path(path)
         self.session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
         self.inputs = [i.name for i in self.session.get_inputs()]
+        widths = {i.shape[1] for i in self.session.get_inputs() if i.name.startswith("hist_") and len(i.shape) > 1}
+        if widths and widths != {max_history}:
+            raise ValueError(f"{path}: the ONNX model was exported for histories of {sorted(widths)} behaviours, "
+                             f"but serving pads histories to {max_history}; export it again with the serving "
+                             "max_history, or leave onnx_path unset to export at load")
 
     def __call__(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         ctr, cvr = self.session.run(None, {n: getattr(batch, n).numpy() for n in self.inputs})
@@ -418,7 +423,7 @@ class Ranker:
         if s.num_threads > 0:
             torch.set_num_threads(int(s.num_threads))
         model.eval()
-        self.onnx = OnnxScorer(model, cfg, fmap, s.onnx_path, s.num_threads) if s.backend == "onnx" else None
+        self.onnx = OnnxScorer(model, cfg, fmap, s.onnx_path, s.num_threads, self.encoder.L) if s.backend == "onnx" else None
 
     @classmethod
     def load(cls, run_dir: str | Path, store: str | Path | HistoryStore | None = None,
