@@ -162,7 +162,8 @@ def _batches(model: RankModel, ds, split: str, batch_size: int, ctx: DistContext
     """Batches of ``split`` for this rank, with the oracle columns as batch inputs."""
     extra = tuple(dict.fromkeys(model.extra_inputs + tuple(ds.oracle_columns)))
     batches = ds.iter_batches(split, batch_size, rank=ctx.rank, world=ctx.world, extra_inputs=extra)
-    return tqdm(batches, desc=f"{desc} {split}", disable=not progress, leave=False)
+    # disable=None: no per-batch bar when stderr is not a terminal (logs get the epoch lines only)
+    return tqdm(batches, desc=f"{desc} {split}", disable=None if progress else True, leave=False)
 
 
 @torch.inference_mode()

@@ -194,7 +194,8 @@ class Trainer:
             if t.max_steps_per_epoch:
                 batches = itertools.islice(batches, t.max_steps_per_epoch)
             t0, n_seen, loss_sum = time.perf_counter(), 0, 0.0
-            bar = tqdm(batches, desc=f"epoch {epoch + 1}/{t.max_epochs}", disable=not (t.progress and self.ctx.main),
+            show = t.progress and self.ctx.main  # and stderr a terminal (disable=None): logs get epoch lines only
+            bar = tqdm(batches, desc=f"epoch {epoch + 1}/{t.max_epochs}", disable=None if show else True,
                        unit="batch", dynamic_ncols=True)
             for i, b in enumerate(prefetch(bar, t.prefetch)):  # batches built in a worker thread, in order
                 self.set_lr(lr_factor(t, epoch * self.n_steps + i, self.n_steps))
