@@ -333,6 +333,25 @@ def test_feature_values_follow_the_features_type(ranker, tiny_data):
     assert len(ok.candidates) == len(body["candidates"])
 
 
+def test_training_encodes_numerics_as_serving_does(ranker, tiny_data):
+    """The same raw candidate row gives the same ``cand_dense`` value in a training batch
+    (``FeatureMap.encode_numeric``, which the dataset and the shards use) as in a live request: huge,
+    infinite and missing values included (clipped to +/- NUMERIC_Z_CLIP, missing = 0)."""
+    import pandas as pd
+
+    from qdrank.serving.schemas import NUMERIC_Z_CLIP
+
+    body = request_body(tiny_data, 700)
+    names = [f.name for f in ranker.fmap.role_features("candidate", sparse=False)]
+    j = names.index("price")
+    values = [1e300, -1e300, "1e999", "-1e999", None, 12.5, 0.0, -3.0]  # "1e999": inf once parsed
+    cands = [{**body["candidates"][i % len(body["candidates"])], "price": v} for i, v in enumerate(values)]
+    served = ranker.encode({**body, "candidates": cands}).batch.cand_dense[:, j].numpy()
+    trained = ranker.fmap.encode_numeric("candidate", pd.DataFrame({"price": values}))[:, j]
+    assert served.tolist() == trained.tolist()
+    assert abs(trained[0]) == NUMERIC_Z_CLIP and trained[2] == trained[0] and trained[4] == 0.0
+
+
 def test_huge_numbers_are_clipped(ranker, tiny_data):
     from qdrank.serving.schemas import NUMERIC_Z_CLIP
 

@@ -54,6 +54,24 @@ def stable_hash(tokens: np.ndarray) -> np.ndarray:
     return pd.util.hash_array(np.asarray(tokens, dtype=object), categorize=False)
 
 
+NUMERIC_Z_CLIP = 30.0  # standardised numeric features are clipped to +/- this many training std
+
+
+def standardize_numeric(f: Feature, x: np.ndarray) -> np.ndarray:
+    """Raw float64 values of numeric feature ``f`` -> float32: ``log1p`` when ``f.log``, standardised
+    with the training mean/std, clipped to +/- :data:`NUMERIC_Z_CLIP`, missing (NaN) -> 0.
+
+    The one encoding of a numeric value: training, evaluation (:meth:`FeatureMap.encode_numeric`) and
+    serving (``RequestEncoder``) all call it, so a price of 1e300 (or inf) is the same clipped value
+    in a training batch as in a live request, never 0 in one and +30 std in the other."""
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        if f.log:
+            x = np.log1p(np.maximum(x, 0.0))
+        z = (x - f.mean) / f.std
+    z = np.clip(z, -NUMERIC_Z_CLIP, NUMERIC_Z_CLIP)
+    return np.where(np.isnan(z), 0.0, z).astype(np.float32)
+
+
 @dataclass
 class FeatureMap:
     features: dict[str, Feature]
@@ -135,10 +153,7 @@ class FeatureMap:
             if f.name not in df.columns:
                 continue
             x = pd.to_numeric(df[f.name], errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
-            if f.log:
-                x = np.log1p(np.clip(x, 0, None))
-            x = (x - f.mean) / f.std
-            out[:, j] = np.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
+            out[:, j] = standardize_numeric(f, x)
         return out
 
     def _lookup(self, f: Feature, values: pd.Series) -> np.ndarray:

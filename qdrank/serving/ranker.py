@@ -37,10 +37,9 @@ import torch
 from qdrank.config import DataConfig, RunConfig
 from qdrank.data.batch import TENSOR_FIELDS, Batch
 from qdrank.data.dataset import BEHAVIOR_QUERY_TOKENS, time_bucket
-from qdrank.data.features import Feature, FeatureMap, canonical_key
+from qdrank.data.features import Feature, FeatureMap, canonical_key, standardize_numeric
 from qdrank.serving.schemas import (
     NUMBER_RE,
-    NUMERIC_Z_CLIP,
     RankedItem,
     RankRequest,
     RankResponse,
@@ -201,12 +200,7 @@ class RequestEncoder:
         except OverflowError:  # integers beyond float range
             x = np.array([None if v is None else ((math.inf if v > 0 else -math.inf) if abs(v) > 1e308 else float(v))
                           for v in col], dtype=np.float64)
-        with np.errstate(over="ignore", invalid="ignore"):
-            if f.log:
-                x = np.log1p(np.maximum(x, 0.0))
-            z = (x - f.mean) / f.std
-        z = np.clip(z, -NUMERIC_Z_CLIP, NUMERIC_Z_CLIP)
-        return np.where(np.isnan(z), 0.0, z).astype(np.float32)
+        return standardize_numeric(f, x)
 
     def role_rows(self, role: str, rows: list[dict[str, Any]], loc: tuple) -> tuple[np.ndarray, np.ndarray]:
         """Rows of one role (context, candidates, behaviours, ...) -> (sparse ids, dense values), by column."""

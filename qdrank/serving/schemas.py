@@ -32,6 +32,7 @@ import msgspec
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
+from qdrank.data.features import NUMERIC_Z_CLIP  # one encoding of numerics for training and serving
 from qdrank.data.schema import MAX_ID_CHARS, TS_LIMIT  # one definition: data validation refuses the same
 
 MAX_ID_LENGTH = MAX_ID_CHARS
@@ -41,7 +42,6 @@ MAX_LIST_VALUES = 1024
 MAX_FEATURES = 256
 TS_MIN, TS_MAX = -TS_LIMIT, TS_LIMIT  # seconds; keeps time gaps far from int64 overflow
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
-NUMERIC_Z_CLIP = 30.0  # standardised numeric features are clipped to +/- this many training std
 NUMBER_RE = re.compile(r"^[ \t\n\r]*[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?[ \t\n\r]*$")
 NUMBER_PATTERN = NUMBER_RE.pattern
 BEHAVIOR_FIELDS = ("item_id", "timestamp", "action", "query")
