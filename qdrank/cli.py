@@ -110,7 +110,7 @@ def cmd_train(a) -> None:
 
 def cmd_evaluate(a) -> None:
     from qdrank.data.shards import open_dataset
-    from qdrank.evaluation.evaluate import evaluate
+    from qdrank.evaluation.evaluate import evaluate, require_split
     from qdrank.evaluation.report import markdown_table, write_report
     from qdrank.training import checkpoint as ckpt
     from qdrank.utils.io import ensure_writable_dir
@@ -122,6 +122,7 @@ def cmd_evaluate(a) -> None:
     ensure_writable_dir(out)  # before the evaluation, not after it
     data = a.data or ckpt.read_run_json(run / "data.json", run)["path"]
     ds = open_dataset(data, cfg.data, fmap=fmap, log=_log)
+    require_split(ds, a.split, data)
     device = resolve_device(cfg.train.device)
     model.to(device)
     from qdrank.evaluation.report import family_rows

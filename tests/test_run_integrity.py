@@ -391,3 +391,23 @@ def test_format_error_shapes():
         "error: /d/f: No space left on device — free disk space or choose another location"
     assert format_error(FileNotFoundError("trivago: no input in /q")) == "error: trivago: no input in /q"
     assert format_error(ValueError("a\n  b")) == "error: a b"
+
+
+@pytest.mark.parametrize("split", ["test", "valid"])
+def test_evaluate_refuses_an_empty_split(split, trained_run, tiny_data, tmp_path, capsys):
+    """A split without labelled impressions: one line naming the split and the dataset, exit 2, no NaN table."""
+    import pandas as pd
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    req = pd.read_parquet(data / "requests.parquet")
+    req["split"] = "train"  # every request in train: valid and test are empty
+    req.to_parquet(data / "requests.parquet")
+    rc, err = run_cli(capsys, "evaluate", trained_run, "--data", data, "--split", split, "--out", tmp_path / "ev")
+    # validation may warn about the empty splits first; the refusal is one error line
+    errors = [x for x in err.splitlines() if not x.startswith("warning: ")]
+    assert_one_line_error(rc, "\n".join(errors), f"split '{split}'", str(data), "empty")
+    assert "nan" not in capsys.readouterr().out
+    assert not (tmp_path / "ev" / "evaluation.json").exists()
+    rc, _ = run_cli(capsys, "evaluate", trained_run, "--data", data, "--split", "train", "--out", tmp_path / "ev")
+    assert rc == 0 and (tmp_path / "ev" / "evaluation.json").exists()  # the split that has requests evaluates

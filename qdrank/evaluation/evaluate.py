@@ -158,6 +158,21 @@ def model_families(model: RankModel) -> tuple[str, ...]:
     return ("as_shown",) if getattr(model, "uses_logged_position", False) else FAMILIES
 
 
+def split_impressions(ds: SearchLogDataset | ShardedDataset, split: str) -> int:
+    """Impressions (labelled candidates) of ``split``: 0 means there is nothing to evaluate."""
+    if isinstance(ds, ShardedDataset):
+        return int(ds.splits.get(split, {}).get("impressions", 0))
+    rows = ds.requests_of(split)
+    return int((ds.imp_end[rows] - ds.imp_start[rows]).sum())
+
+
+def require_split(ds: SearchLogDataset | ShardedDataset, split: str, data: object) -> None:
+    """Refuse an empty split by name: its metrics would all be NaN, which reads like a result."""
+    if split_impressions(ds, split) == 0:
+        raise ValueError(f"split {split!r} of dataset {data} is empty (no request with labelled impressions): "
+                         "nothing to evaluate; pick another --split or a dataset whose split has requests")
+
+
 def _batches(model: RankModel, ds, split: str, batch_size: int, ctx: DistContext, progress: bool, desc: str):
     """Batches of ``split`` for this rank, with the oracle columns as batch inputs."""
     extra = tuple(dict.fromkeys(model.extra_inputs + tuple(ds.oracle_columns)))
