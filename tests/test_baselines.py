@@ -228,6 +228,25 @@ def test_group_rank():
     torch.testing.assert_close(r, torch.tensor([1.0, 0.0, 1 / 3, 1 / 3, 0.0, 0.0, 0.0]))
 
 
+@pytest.mark.parametrize("k", [0, 1, 2, 7, 64, 1000])
+def test_sorted_lookup_is_searchsorted(k):
+    """The exportable binary search finds what ``torch.searchsorted`` finds, present or not."""
+    from qdrank.models.baselines.common import sorted_lookup
+
+    g = torch.Generator().manual_seed(k)
+    keys = torch.unique(torch.randint(0, 3 * k + 1, (k,), generator=g))
+    x = torch.randint(-2, 3 * k + 3, (50, 3), generator=g)
+    at, found = sorted_lookup(keys, x)
+    assert found.shape == x.shape
+    if keys.numel() == 0:
+        assert not found.any()
+        return
+    ref = torch.searchsorted(keys, x).clamp_max(keys.numel() - 1)
+    assert torch.equal(at, ref)
+    assert torch.equal(found, keys[ref] == x)
+    assert found.any() and not found.all()
+
+
 @pytest.fixture(scope="module")
 def baseline_runs(tmp_path_factory, tiny_data) -> dict[str, Path]:
     base = tmp_path_factory.mktemp("baseline_runs")

@@ -133,3 +133,25 @@ def group_rank(values: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
     out = torch.empty_like(values)
     out[order] = smaller / denom
     return out
+
+
+def sorted_lookup(keys: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each element of ``x``, the index of its value in the sorted 1-d ``keys`` and whether it is there.
+
+    A lower-bound binary search written as a fixed number of gather / compare / where steps
+    (``len(keys).bit_length()``, known when the graph is built): ``torch.searchsorted`` has no ONNX
+    operator, and a dense table indexed by key can be far too large (keys such as (query token,
+    category) pairs). Same answer as ``torch.searchsorted(keys, x)`` (side left), clamped to a valid index.
+    """
+    k = int(keys.shape[0])  # a constant of the graph (a fitted buffer), also while tracing
+    lo = torch.zeros_like(x)
+    hi = torch.full_like(x, k)
+    for _ in range(k.bit_length()):
+        mid = torch.div(lo + hi, 2, rounding_mode="floor")
+        less = keys[mid.clamp(max=k - 1)] < x
+        active = lo < hi
+        lo = torch.where(active & less, mid + 1, lo)
+        hi = torch.where(active & ~less, mid, hi)
+    at = lo.clamp(max=max(k - 1, 0))
+    return at, keys[at] == x if k else torch.zeros_like(x, dtype=torch.bool)
+

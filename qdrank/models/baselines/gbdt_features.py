@@ -33,7 +33,7 @@ import torch
 from qdrank.data.batch import Batch
 from qdrank.data.dataset import SearchLogDataset
 from qdrank.data.features import FeatureMap
-from qdrank.models.baselines.common import FittedBuffers, group_rank, sparse_features
+from qdrank.models.baselines.common import FittedBuffers, group_rank, sorted_lookup, sparse_features
 from qdrank.models.baselines.history_match import HistoryMatcher
 from qdrank.models.baselines.popularity import ItemPopularity
 from qdrank.models.baselines.text_match import TextOverlap
@@ -111,8 +111,8 @@ class QueryCategoryAffinity(FittedBuffers):
             return torch.zeros(n, device=batch.cand_item.device)
         s, w = self.category
         keys, valid = self._pairs(batch.query[batch.cand_req], item_sparse[batch.cand_item, s:s + w])
-        at = torch.searchsorted(self.keys, keys).clamp_max(self.keys.numel() - 1)
-        found = (self.keys[at] == keys) & valid
+        at, found = sorted_lookup(self.keys, keys)
+        found = found & valid
         # a token never followed by a click on this category: its share shrunk from 0 to the average
         t = (batch.query[batch.cand_req] - self.fmap.text_offset).clamp(0, self.fmap.query_buckets - 1)
         unseen = torch.log(AFFINITY_PRIOR / (self.token_clicks[t] + AFFINITY_PRIOR)).unsqueeze(-1)

@@ -17,7 +17,7 @@ from qdrank.config import ModelConfig
 from qdrank.data.batch import Batch
 from qdrank.data.dataset import SearchLogDataset
 from qdrank.data.features import FeatureMap
-from qdrank.models.baselines.common import Baseline, FittedBuffers, sparse_features
+from qdrank.models.baselines.common import Baseline, FittedBuffers, sorted_lookup, sparse_features
 
 VALUE_TOKENS = 4  # tokens kept per categorical value ("running shoes" -> running, shoes, running_shoes)
 MATCH_GROUPS = ("text", "value", "category")
@@ -74,8 +74,8 @@ class TextOverlap(FittedBuffers):
         """Categorical ids [N, S] -> their hashed tokens [N, S * VALUE_TOKENS] (0 where none)."""
         if self.value_ids.numel() == 0 or ids.shape[1] == 0:
             return ids.new_zeros(ids.shape[0], 0)
-        at = torch.searchsorted(self.value_ids, ids).clamp_max(self.value_ids.numel() - 1)
-        found = (self.value_ids[at] == ids) & (ids > 0)
+        at, found = sorted_lookup(self.value_ids, ids)
+        found = found & (ids > 0)
         return (self.value_tokens[at] * found.unsqueeze(-1)).flatten(1)
 
     @staticmethod
@@ -109,7 +109,6 @@ class TextOverlap(FittedBuffers):
 
 class TextMatch(Baseline):
     config_class = TextMatchConfig
-    exportable = False  # its value lookup uses searchsorted, which ONNX has no operator for
 
     def __init__(self, fmap: FeatureMap, cfg: TextMatchConfig):
         super().__init__(fmap, cfg)
