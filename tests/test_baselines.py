@@ -226,6 +226,13 @@ def test_group_rank():
     g = torch.tensor([0, 0, 0, 0, 1, 1, 2])
     r = group_rank(v, g)
     torch.testing.assert_close(r, torch.tensor([1.0, 0.0, 1 / 3, 1 / 3, 0.0, 0.0, 0.0]))
+    # the pairwise form an export records gives the same values, on other inputs than it was traced with
+    traced = torch.jit.trace(group_rank, (v, g), check_trace=False)
+    gen = torch.Generator().manual_seed(0)
+    for n in (1, 9, 300):
+        vals = torch.randint(0, 6, (n,), generator=gen).float()  # many ties
+        grp = torch.sort(torch.randint(0, 7, (n,), generator=gen)).values
+        assert torch.equal(traced(vals, grp), group_rank(vals, grp))
 
 
 @pytest.mark.parametrize("k", [0, 1, 2, 7, 64, 1000])
@@ -245,6 +252,98 @@ def test_sorted_lookup_is_searchsorted(k):
     assert torch.equal(at, ref)
     assert torch.equal(found, keys[ref] == x)
     assert found.any() and not found.all()
+
+
+def _synthetic_booster(params: dict, seed: int = 0):
+    """A LightGBM booster on numeric features with NaN and zeros, and a categorical feature with
+    NaN, negative and fractional values; -> (booster, probe matrix with unseen values)."""
+    import lightgbm as lgb
+
+    rng = np.random.default_rng(seed)
+    n = 3000
+    x = rng.normal(size=(n, 4)).astype(np.float32)
+    x[rng.random(n) < 0.15, 0] = np.nan                        # a numeric feature with missing values
+    x[rng.random(n) < 0.3, 1] = 0.0                             # many exact zeros (zero_as_missing)
+    x[:, 3] = rng.integers(0, 12, n)                            # a categorical feature
+    x[rng.random(n) < 0.1, 3] = np.nan
+    y = (np.nan_to_num(x[:, 0], nan=1.0) + x[:, 1] + np.isin(x[:, 3], [2, 5, 7]) + 0.5 * x[:, 2]
+         + rng.normal(scale=0.5, size=n) > 0.8).astype(np.float32)
+    ds = lgb.Dataset(x, y, categorical_feature=[3], free_raw_data=False)
+    booster = lgb.train({"objective": "binary", "num_leaves": 15, "min_data_in_leaf": 5, "min_data_per_group": 5,
+                         "cat_smooth": 1.0, "max_cat_to_onehot": 2, "verbose": -1, "seed": seed, **params}, ds, 40)
+    probe = rng.normal(size=(2000, 4)).astype(np.float32)
+    probe[rng.random(2000) < 0.2, 0] = np.nan
+    probe[rng.random(2000) < 0.2, 1] = 0.0
+    probe[rng.random(2000) < 0.1, 1] = np.nan
+    probe[rng.random(2000) < 0.05, 2] = np.inf
+    probe[:, 3] = rng.integers(-2, 15, 2000)                    # negative and unseen categories
+    probe[rng.random(2000) < 0.1, 3] = np.nan
+    probe[rng.random(2000) < 0.1, 3] += 0.5                     # fractional: truncated like LightGBM does
+    probe[:200] = x[:200]                                       # training rows: thresholds' own neighbourhood
+    return booster, probe
+
+
+@pytest.mark.parametrize("params, missing_type", [({}, "NaN"), ({"zero_as_missing": True}, "Zero"),
+                                                   ({"use_missing": False}, "None")])
+def test_tree_ensemble_matches_lightgbm(params, missing_type):
+    """The torch evaluation of a booster equals ``booster.predict(raw_score=True)`` (numeric splits with
+    each missing type, categorical splits, NaN, zeros, inf, negative / unseen / fractional categories)."""
+    from qdrank.models.baselines.trees import TreeEnsemble
+
+    booster, probe = _synthetic_booster(params)
+    dump = booster.dump_model()
+    nodes = []
+
+    def walk(n):
+        if "split_feature" in n:
+            nodes.append((n["decision_type"], n["missing_type"], n["default_left"]))
+            walk(n["left_child"])
+            walk(n["right_child"])
+
+    for t in dump["tree_info"]:
+        walk(t["tree_structure"])
+    kinds = {k for k, _, _ in nodes}
+    assert kinds == {"<=", "=="}, kinds  # both decision types are exercised
+    assert missing_type in {m for k, m, _ in nodes if k == "<="}
+    trees = TreeEnsemble().load(dump)
+    ref = booster.predict(probe, raw_score=True)
+    got = trees(torch.from_numpy(probe)).numpy()
+    assert got.dtype == np.float32 and got.shape == ref.shape
+    assert np.abs(got - ref).max() < 1e-5
+    assert np.std(ref) > 0.1  # the probe reaches different leaves
+
+
+def test_tree_thresholds_round_down_exactly():
+    """x <= t (float64 threshold) and x <= the stored float32 threshold agree for float32 x around t."""
+    from qdrank.models.baselines.trees import round_down_float32
+
+    t = np.array([0.1, -0.1, 1 / 3, 1e300, -1e300, 0.0, 2.5, 1e-40], dtype=np.float64)
+    r = round_down_float32(t)
+    for ti, ri in zip(t, r):
+        base = np.float32(ti) if np.isfinite(np.float32(ti)) else np.float32(np.sign(ti) * 3e38)
+        xs = [base, np.nextafter(base, np.float32(np.inf)), np.nextafter(base, np.float32(-np.inf)),
+              np.float32(np.inf), np.float32(-np.inf)]
+        for x in xs:
+            assert (np.float64(x) <= ti) == (x <= ri), (ti, x)
+
+
+def test_gbdt_scores_with_the_tree_tensors_as_lightgbm_does(tiny_data):
+    """The fitted gbdt's torch scores (used by evaluation, serving and export) equal its booster's raw scores."""
+    model, ds = fitted("gbdt", tiny_data)
+    assert model.trees.n_trees == model.booster.num_trees() > 1
+    b = ds.make_batch(ds.requests_of("test"))
+    x = model.features(b, model.emb.item_sparse, model.emb.item_dense)
+    ref = model.booster.predict(x.numpy(), raw_score=True)
+    with torch.inference_mode():
+        got = model(b).ctr_logit.numpy()
+    assert np.abs(got - ref).max() < 1e-5 and np.std(ref) > 0
+    # missing categoricals (NaN), unseen category values and zeroed numerics reach the same leaves too
+    x = x.clone()
+    x[::3, model.features.categorical] = float("nan")
+    x[1::5, model.features.categorical] = 10_000.0
+    x[2::7, len(model.features.categorical):] = 0.0
+    ref = model.booster.predict(x.numpy(), raw_score=True)
+    assert np.abs(model.trees(x).numpy() - ref).max() < 1e-5
 
 
 @pytest.fixture(scope="module")

@@ -21,16 +21,13 @@ from qdrank.serving.export import (
     export_run,
     onnx_feed,
 )
-from qdrank.training.checkpoint import CONFIG, FEATURE_MAP, save_model, write_json
+from qdrank.training.checkpoint import save_model
 
 # (history length, candidates): empty history, shorter / equal / longer than the example's (5, 8), and
 # longer than data.max_history (20: only the most recent are kept)
 SHAPES = [(0, 1), (1, 3), (5, 8), (12, 17), (20, 2), (35, 5)]
 TOL = 1e-4
-
-
-def _exportable(name: str) -> bool:
-    return getattr(model_class(name), "exportable", True) is not False
+FAST = {"gbdt": ("model.trees=40", "model.min_data_in_leaf=5", "model.num_threads=1")}  # a small booster
 
 
 @pytest.fixture(scope="module")
@@ -42,13 +39,8 @@ def tiny_runs(tiny_dataset, tmp_path_factory):
 
     def get(name: str):
         if name not in cache:
-            cfg = tiny_config(name, "model.dim=8")
+            cfg = tiny_config(name, "model.dim=8", *FAST.get(name, ()))
             run = base / name
-            if not _exportable(name):  # only what export_run reads before refusing
-                write_json(run / CONFIG, cfg.to_dict())
-                write_json(run / FEATURE_MAP, ds.fmap.to_dict())
-                cache[name] = (None, cfg, run)
-                return cache[name]
             torch.manual_seed(0)
             model = model_class(name)(ds.fmap, cfg.model)
             model.emb.set_item_tables(*ds.item_tables())
@@ -86,11 +78,7 @@ def _scorer(fmt: str, out: Path):
 def test_export_parity_every_model(name, fmt, tiny_runs, tmp_path):
     model, cfg, run = tiny_runs(name)
     out = tmp_path / f"{name}.{fmt}"
-    if not _exportable(name):
-        with pytest.raises(ExportError, match=f"model '{name}' cannot be exported.*not a torch graph"):
-            export_run(run, fmt, out)
-        assert not out.exists()
-        return
+    assert model_class(name).exportable  # every registered model is a torch graph
     assert export_run(run, fmt, out) == out  # from the saved (checksum-verified) run, default example
     assert (tmp_path / f"{name}.{fmt}.json").exists()
     assert not [f for f in tmp_path.iterdir() if ".tmp" in f.name]
@@ -171,19 +159,27 @@ def test_diffusiongs_multi_step_export_parity(fmt, tiny_runs, tmp_path):
                 assert np.abs(ctr - one_step(b, use_position=False).ctr_logit.numpy()).max() > 1e-6
 
 
-class _Trees(nn.Module):
-    """Stands for a model that is not a torch graph (a tree ensemble)."""
+class _ExternalScorer(nn.Module):
+    """Stands for a model that scores outside torch (no registered model does any more)."""
 
     exportable = False
 
 
-def test_non_graph_models_are_refused():
-    with pytest.raises(ExportError, match="'gbdt' cannot be exported.*not a torch graph"):
-        check_exportable(_Trees(), "gbdt")
-    with pytest.raises(ExportError, match="'gbdt' cannot be exported.*not a torch graph"):
-        check_exportable(_Trees, "gbdt")
+def test_non_graph_models_are_refused(tiny_runs, tmp_path):
+    with pytest.raises(ExportError, match="'external' cannot be exported.*not a torch graph"):
+        check_exportable(_ExternalScorer(), "external")
+    with pytest.raises(ExportError, match="'external' cannot be exported.*not a torch graph"):
+        check_exportable(_ExternalScorer, "external")
     with pytest.raises(ExportError, match="not a torch graph"):
         check_exportable(object(), "x")
+    model, cfg, run = tiny_runs("dnn")  # the refusal comes before any file is written
+    model.exportable = False
+    try:
+        with pytest.raises(ExportError, match="'dnn' cannot be exported.*not a torch graph"):
+            export_model(model, example_batch(run_fmap(run), cfg), tmp_path / "m.onnx", "onnx", "dnn")
+    finally:
+        del model.exportable
+    assert not (tmp_path / "m.onnx").exists()
 
 
 def test_extra_inputs_are_refused(tiny_runs, tmp_path):

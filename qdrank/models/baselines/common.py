@@ -109,12 +109,25 @@ def sparse_features(fmap: FeatureMap, role: str, types: tuple[str, ...] = ("cate
     return [(f.name, s, w) for f, s, w in fmap.slot_layout(role) if f.type in types and f.name not in exclude]
 
 
+def group_sizes(group: torch.Tensor, n_groups: int) -> torch.Tensor:
+    """[n_groups] number of elements per group id (``torch.bincount`` has no ONNX operator; a
+    scatter-add does)."""
+    return torch.zeros(n_groups, dtype=torch.long, device=group.device).scatter_add(0, group, torch.ones_like(group))
+
+
 def group_rank(values: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
     """Per element, the share of its group's elements with a strictly smaller value (0..1).
 
-    ``group`` must be sorted (candidates of a request are contiguous). Ties share a rank.
+    ``group`` must be sorted (candidates of a request are contiguous). Ties share a rank. Eagerly this
+    sorts (O(N log N) for the large batches of fitting and evaluation); inside an ONNX / TorchScript
+    export it compares all pairs (stable sorts and ``cummax`` have no ONNX operator; a served request
+    has few candidates). Both count the same integers, so they give identical values.
     """
     n = values.shape[0]
+    if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+        same = group.unsqueeze(0) == group.unsqueeze(1)                                  # [N, N]
+        smaller = ((values.unsqueeze(0) < values.unsqueeze(1)) & same).sum(1).to(values.dtype)
+        return smaller / (same.sum(1) - 1).clamp_min(1).to(values.dtype)
     if n == 0:
         return values.new_zeros(0)
     counts = torch.bincount(group)

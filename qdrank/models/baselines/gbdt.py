@@ -4,7 +4,9 @@ Groups are requests, the label is the click; trees are added until ``trees`` or 
 validation split's GAUC (the selection metric every model is early-stopped on; ``stop_metric=ndcg``
 for LightGBM's NDCG@10) stops improving for ``early_stopping`` rounds. The booster is kept as its
 LightGBM model string in a uint8 buffer, so it is saved in ``model.safetensors`` with the rest and
-reloaded with ``lightgbm.Booster(model_str=...)``: no pickle anywhere.
+reloaded with ``lightgbm.Booster(model_str=...)``: no pickle anywhere. Scoring does not call LightGBM:
+the booster's trees are converted (at fit and at load) into a :class:`~.trees.TreeEnsemble`, a torch
+graph, so evaluation, serving and the ONNX / TorchScript export score with the same tensors.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from qdrank.data.features import FeatureMap
 from qdrank.evaluation.metrics import gauc
 from qdrank.models.baselines.common import Baseline
 from qdrank.models.baselines.gbdt_features import GBDTFeatures
+from qdrank.models.baselines.trees import TreeEnsemble
 
 
 @dataclass
@@ -53,12 +56,12 @@ def valid_gauc(group_sizes: np.ndarray):
 
 class GBDT(Baseline):
     config_class = GBDTConfig
-    exportable = False  # the booster scores in LightGBM, outside the torch graph
 
     def __init__(self, fmap: FeatureMap, cfg: GBDTConfig):
         super().__init__(fmap, cfg)
         self.features = GBDTFeatures(fmap, cfg.max_cat_values, cfg.decay)
         self.register_buffer("booster_model", torch.zeros(0, dtype=torch.uint8))
+        self.trees = TreeEnsemble()  # the booster as tensors (rebuilt from booster_model, never saved)
         self._booster: lgb.Booster | None = None
         self._lock = threading.Lock()
 
@@ -69,6 +72,8 @@ class GBDT(Baseline):
             self.booster_model = torch.empty(saved.shape, dtype=torch.uint8, device=self.booster_model.device)
         self._booster = None
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if self.booster_model.numel():
+            self.trees.load(self.booster.dump_model())
 
     @property
     def booster(self) -> lgb.Booster:
@@ -132,14 +137,13 @@ class GBDT(Baseline):
         text = booster.model_to_string(num_iteration=booster.best_iteration or None)
         self.booster_model = torch.frombuffer(bytearray(text.encode("utf-8")), dtype=torch.uint8).to(self.device)
         self._booster = None
+        self.trees.load(self.booster.dump_model())
 
     # ---- scoring ----------------------------------------------------------------------------------
     def candidate_scores(self, batch: Batch) -> torch.Tensor:
-        x = self.features(batch, self.emb.item_sparse, self.emb.item_dense)
-        if x.shape[0] == 0:
-            return x.new_zeros(0)
-        s = self.booster.predict(x.cpu().numpy(), raw_score=True, num_threads=self.cfg.num_threads or 1)
-        return torch.as_tensor(np.asarray(s, dtype=np.float32), device=batch.cand_item.device)
+        if self.booster_model.shape[0] == 0:
+            raise RuntimeError("gbdt has no fitted booster: train it with `qdrank train --model gbdt`")
+        return self.trees(self.features(batch, self.emb.item_sparse, self.emb.item_dense))
 
     def summary(self) -> dict:
         """Trees and leaves (a booster has no parameters in the torch sense) and top features by gain."""

@@ -33,7 +33,13 @@ import torch
 from qdrank.data.batch import Batch
 from qdrank.data.dataset import SearchLogDataset
 from qdrank.data.features import FeatureMap
-from qdrank.models.baselines.common import FittedBuffers, group_rank, sorted_lookup, sparse_features
+from qdrank.models.baselines.common import (
+    FittedBuffers,
+    group_rank,
+    group_sizes,
+    sorted_lookup,
+    sparse_features,
+)
 from qdrank.models.baselines.history_match import HistoryMatcher
 from qdrank.models.baselines.popularity import ItemPopularity
 from qdrank.models.baselines.text_match import TextOverlap
@@ -201,7 +207,7 @@ class GBDTFeatures(FittedBuffers):
             cols += list(dense[r].float().unbind(-1))
         for r in ("candidate", "item"):
             cols += [group_rank(c, req) for c in dense[r].float().unbind(-1)]
-        counts = torch.bincount(req, minlength=batch.n_requests)
+        counts = group_sizes(req, batch.n_requests)
         overlap, q_idf = self.text.match(batch, item_sparse)
         cols += [counts[req].float(), batch.hist_len[req].float(), (batch.query[req] > 0).sum(-1).float(),
                  *overlap.unbind(-1), (overlap[:, 0] + overlap[:, 1]) / q_idf.clamp_min(1e-6),
