@@ -54,7 +54,7 @@ class RankModel(nn.Module):
     extra_inputs: tuple[str, ...] = ()  # registered batch inputs this model reads (qdrank.data.batch)
     # False for fitted baselines (qdrank/models/baselines): the trainer calls fit_data once, no epochs
     gradient_trained: bool = True
-    # False when the scoring function is not a torch graph (a LightGBM booster): export refuses it
+    # False when the scoring function is not a torch graph (scores outside torch): export refuses it
     exportable: bool = True
     # True for a model whose scores read the logged position (the ``logged_order`` baseline): it
     # cannot rank a live request, so it is reported in the as-shown metric family only.

@@ -8,10 +8,11 @@ exactly what :class:`~qdrank.serving.ranker.Ranker` scores. Build the inputs wit
 dtypes and shapes. ONNX drops inputs the graph does not use (labels, position, request id): feed only
 the names ``session.get_inputs()`` lists (:func:`onnx_feed` does that).
 
-Every model of the registry that is a torch graph exports; the graph holds no random-number generator
-(DiffusionGS's inference noise is a stored table), so the export scores any history length and
-candidate count as the model does. A model that is not a torch graph (``exportable = False``,
-e.g. a tree ensemble) or that reads extra batch inputs serving cannot build is refused with
+Every model of the registry exports (``gbdt``'s LightGBM trees score as tensors, see
+:mod:`qdrank.models.baselines.trees`); the graph holds no random-number generator (DiffusionGS's
+inference noise is a stored table), so the export scores any history length and candidate count as
+the model does. A model class that is not a torch graph (``exportable = False``; none is registered
+now) or that reads extra batch inputs serving cannot build is refused with
 :class:`ExportError`. Files are written atomically; an OS error (read-only or full disk) is raised as
 the :class:`OSError` it is, not as an export failure.
 """
