@@ -94,19 +94,25 @@ class TreeEnsemble(nn.Module):
     """``forward(x [N, F] float32) -> [N] float32``: the raw score (sum of leaf values) of every row.
 
     Built with :meth:`load` from ``booster.dump_model()``; the tables are non-persistent buffers (the
-    booster's model string is what a checkpoint stores), moved with the module to any device.
+    booster's model string is what a checkpoint stores), moved with the module to any device. Nodes
+    are ordered numerical splits, categorical splits, leaves: every split's decision is computed for
+    every row at once with broadcast compares (no per-node gathers), then the walk only looks up
+    decisions and children.
     """
+
+    ROW_CHUNK = 2048  # rows per pass when eager (the [rows, splits] decision matrix stays small)
 
     def __init__(self) -> None:
         super().__init__()
         self.depth = 0
         self.cat_width = 1
         self.n_trees = 0
+        self.n_leaves = 0
         self.average = False
-        for name, dtype in (("roots", torch.long), ("feature", torch.long), ("threshold", torch.float32),
-                            ("missing", torch.long), ("default_left", torch.bool), ("is_cat", torch.bool),
-                            ("cat_row", torch.long), ("child", torch.long), ("value", torch.float64),
-                            ("cat_table", torch.bool)):
+        for name, dtype in (("roots", torch.long), ("child", torch.long), ("value", torch.float64),
+                            ("num_feature", torch.long), ("threshold", torch.float32), ("nan_left", torch.bool),
+                            ("zero_missing", torch.bool), ("default_left", torch.bool),
+                            ("cat_feature", torch.long), ("cat_base", torch.long), ("cat_table", torch.bool)):
             self.register_buffer(name, torch.zeros(0, dtype=dtype), persistent=False)
 
     @torch.no_grad()
@@ -119,47 +125,71 @@ class TreeEnsemble(nn.Module):
             root, d = flat.add(tree["tree_structure"])
             roots.append(root)
             depth = max(depth, d)
-        width = max([max(s, default=-1) + 1 for s in flat.cat_sets] + [1]) + 1  # last column: "not in any set"
-        table = np.zeros((len(flat.cat_sets), width), dtype=bool)
-        for r, s in enumerate(flat.cat_sets):
+        n = len(flat.feature)
+        leaf = np.array([flat.children[i] == (i, i) for i in range(n)], dtype=bool)
+        cat = np.array(flat.is_cat, dtype=bool) & ~leaf
+        num = ~leaf & ~cat
+        order = np.concatenate([np.flatnonzero(num), np.flatnonzero(cat), np.flatnonzero(leaf)]).astype(np.int64)
+        new_id = np.empty(n, dtype=np.int64)
+        new_id[order] = np.arange(n)
+        children = new_id[np.array(flat.children, dtype=np.int64).reshape(n, 2)][order] if n else np.zeros((0, 2))
+        thr = np.array(flat.threshold, dtype=np.float64)[order[:num.sum()]]
+        missing = np.array(flat.missing, dtype=np.int64)[order[:num.sum()]]
+        dleft = np.array(flat.default_left, dtype=bool)
+        # where a NaN goes: missing type NaN or Zero -> the default side; None -> compared as 0
+        nan_left = np.where(missing == MISSING_TYPES["None"], 0.0 <= thr, dleft[order[:num.sum()]])
+        cat_nodes = order[num.sum():num.sum() + cat.sum()]
+        sets = [flat.cat_sets[flat.cat_row[i]] for i in cat_nodes]
+        width = max([max(s, default=-1) + 1 for s in sets] + [0]) + 1  # last column: "in no set"
+        table = np.zeros((len(sets), width), dtype=bool)
+        for r, s in enumerate(sets):
             table[r, s] = True
         dev = self.roots.device
-        tensors = {"roots": torch.tensor(roots, dtype=torch.long),
-                   "feature": torch.tensor(flat.feature, dtype=torch.long),
-                   "threshold": torch.from_numpy(round_down_float32(np.array(flat.threshold, dtype=np.float64))),
-                   "missing": torch.tensor(flat.missing, dtype=torch.long),
-                   "default_left": torch.tensor(flat.default_left, dtype=torch.bool),
-                   "is_cat": torch.tensor(flat.is_cat, dtype=torch.bool),
-                   "cat_row": torch.tensor(flat.cat_row, dtype=torch.long),
-                   "child": torch.tensor(flat.children, dtype=torch.long).reshape(-1),
-                   "value": torch.tensor(flat.value, dtype=torch.float64),
+        tensors = {"roots": torch.from_numpy(new_id[np.array(roots, dtype=np.int64)]),
+                   "child": torch.from_numpy(np.ascontiguousarray(children, dtype=np.int64).reshape(-1)),
+                   "value": torch.tensor(flat.value, dtype=torch.float64)[torch.from_numpy(order)],
+                   "num_feature": torch.tensor(flat.feature, dtype=torch.long)[torch.from_numpy(order[:num.sum()])],
+                   "threshold": torch.from_numpy(round_down_float32(thr)),
+                   "nan_left": torch.from_numpy(nan_left.astype(bool)),
+                   "zero_missing": torch.from_numpy(missing == MISSING_TYPES["Zero"]),
+                   "default_left": torch.from_numpy(dleft[order[:num.sum()]]),
+                   "cat_feature": torch.tensor(flat.feature, dtype=torch.long)[torch.from_numpy(cat_nodes)],
+                   "cat_base": torch.arange(len(sets), dtype=torch.long) * width,
                    "cat_table": torch.from_numpy(table).reshape(-1)}
         for name, t in tensors.items():
             setattr(self, name, t.to(dev))
         self.depth, self.cat_width, self.n_trees = depth, width, len(roots)
+        self.n_leaves = int(leaf.sum())
         self.average = bool(dump.get("average_output", False))
         return self
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n = x.shape[0]
-        node = self.roots.unsqueeze(0).expand(n, self.n_trees)          # [N, T] current node per tree
-        has_cat = bool(len(self.cat_table) > self.cat_width)            # a categorical split exists
+    def decisions(self, x: torch.Tensor) -> torch.Tensor:
+        """[N, n_nodes] bool: does row n go left at node j (leaves: False, they point to themselves)."""
+        v = x.index_select(1, self.num_feature)                                   # [N, numerical splits]
+        nan = torch.isnan(v)
+        zero = self.zero_missing & (v.abs() <= ZERO_THRESHOLD)                     # missing type Zero
+        # boolean algebra, not where(): ONNX Runtime has no Where kernel for booleans
+        go = (nan & self.nan_left) | (~nan & ((zero & self.default_left) | (~zero & (v <= self.threshold))))
+        parts = [go]
+        if self.cat_feature.shape[0]:
+            c = x.index_select(1, self.cat_feature)                                # [N, categorical splits]
+            c = torch.where(torch.isnan(c), torch.full_like(c, -1.0), c).clamp(-1.0, float(self.cat_width - 1))
+            c = c.long()                                                           # truncates toward 0, as C++
+            parts.append(self.cat_table[self.cat_base + c.clamp(min=0)] & (c >= 0))
+        parts.append(torch.zeros(x.shape[0], self.n_leaves, dtype=torch.bool, device=x.device))
+        return torch.cat(parts, 1)
+
+    def _walk(self, x: torch.Tensor) -> torch.Tensor:
+        go = self.decisions(x)
+        node = self.roots.unsqueeze(0).expand(x.shape[0], self.n_trees)           # [N, T] current node per tree
         for _ in range(self.depth):
-            v = x.gather(1, self.feature[node])                          # [N, T] the node's feature value
-            nan = torch.isnan(v)
-            missing = self.missing[node]
-            v0 = torch.where(nan & (missing != 2), torch.zeros_like(v), v)
-            is_missing = ((missing == 1) & (v0.abs() <= ZERO_THRESHOLD)) | ((missing == 2) & nan)
-            # boolean algebra, not where(): ONNX Runtime has no Where kernel for booleans
-            left = (is_missing & self.default_left[node]) | (~is_missing & (v0 <= self.threshold[node]))
-            if has_cat:
-                c = torch.where(nan, torch.full_like(v, -1.0), v).clamp(-1.0, float(self.cat_width - 1)).long()
-                row = self.cat_row[node] * self.cat_width + c.clamp(min=0)
-                in_set = self.cat_table[row] & (c >= 0)
-                is_cat = self.is_cat[node]
-                left = (is_cat & in_set) | (~is_cat & left)
-            node = self.child[node * 2 + (~left).long()]
+            node = self.child[node * 2 + (~go.gather(1, node)).long()]
         out = self.value[node].sum(-1)
         if self.average and self.n_trees:
             out = out / self.n_trees
         return out.float()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or x.shape[0] <= self.ROW_CHUNK:
+            return self._walk(x)
+        return torch.cat([self._walk(c) for c in x.split(self.ROW_CHUNK)])
