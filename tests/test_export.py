@@ -165,31 +165,22 @@ class _ExternalScorer(nn.Module):
     exportable = False
 
 
-def test_non_graph_models_are_refused(tiny_runs, tmp_path):
+def test_non_graph_models_are_refused():
     with pytest.raises(ExportError, match="'external' cannot be exported.*not a torch graph"):
         check_exportable(_ExternalScorer(), "external")
     with pytest.raises(ExportError, match="'external' cannot be exported.*not a torch graph"):
         check_exportable(_ExternalScorer, "external")
     with pytest.raises(ExportError, match="not a torch graph"):
         check_exportable(object(), "x")
-    model, cfg, run = tiny_runs("dnn")  # the refusal comes before any file is written
-    model.exportable = False
-    try:
-        with pytest.raises(ExportError, match="'dnn' cannot be exported.*not a torch graph"):
-            export_model(model, example_batch(run_fmap(run), cfg), tmp_path / "m.onnx", "onnx", "dnn")
-    finally:
-        del model.exportable
-    assert not (tmp_path / "m.onnx").exists()
 
 
-def test_extra_inputs_are_refused(tiny_runs, tmp_path):
+@pytest.mark.parametrize("attr, value, message", [("exportable", False, "'dnn' cannot be exported.*not a torch graph"),
+                                                  ("extra_inputs", ("session_feature",), "extra batch inputs")])
+def test_unexportable_models_are_refused_before_writing(attr, value, message, tiny_runs, tmp_path, monkeypatch):
     model, cfg, run = tiny_runs("dnn")
-    model.extra_inputs = ("session_feature",)
-    try:
-        with pytest.raises(ExportError, match="extra batch inputs"):
-            export_model(model, example_batch(run_fmap(run), cfg), tmp_path / "m.onnx", "onnx", "dnn")
-    finally:
-        del model.extra_inputs
+    monkeypatch.setattr(model, attr, value)
+    with pytest.raises(ExportError, match=message):
+        export_model(model, example_batch(run_fmap(run), cfg), tmp_path / "m.onnx", "onnx", "dnn")
     assert not (tmp_path / "m.onnx").exists()
 
 
