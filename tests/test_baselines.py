@@ -335,8 +335,11 @@ def test_gbdt_scores_with_the_tree_tensors_as_lightgbm_does(tiny_data):
     x = model.features(b, model.emb.item_sparse, model.emb.item_dense)
     ref = model.booster.predict(x.numpy(), raw_score=True)
     with torch.inference_mode():
-        got = model(b).ctr_logit.numpy()
-    assert np.abs(got - ref).max() < 1e-5 and np.std(ref) > 0
+        got = model(b).ctr_logit.numpy()               # eager: LightGBM's predict (the fast path)
+        model.booster_fast_path = False
+        walked = model(b).ctr_logit.numpy()            # the tensor walk that traced/exported graphs use
+        model.booster_fast_path = True
+    assert np.abs(got - ref).max() < 1e-5 and np.abs(walked - ref).max() < 1e-5 and np.std(ref) > 0
     # missing categoricals (NaN), unseen category values and zeroed numerics reach the same leaves too
     x = x.clone()
     x[::3, model.features.categorical] = float("nan")
@@ -400,3 +403,17 @@ def test_logged_order_serves_ties(baseline_runs, tiny_data):
     ranker = Ranker.load(baseline_runs["logged_order"])
     served, _ = ranker.logits(ranker.encode(request_body(tiny_data, 950)).batch)
     assert (served == served[0]).all()
+
+
+def test_gbdt_follows_the_runs_seed(tmp_path):
+    """A benchmark's seeds are seeds for gbdt too (out-of-fold assignment, feature sampling): the same
+    train.seed refits the same booster, another one a different booster."""
+    data = planted_log(tmp_path / "log")
+    cfg = tiny_config("gbdt", *FAST["gbdt"], "model.feature_fraction=0.5")
+    ds = SearchLogDataset(data, cfg.data, log=lambda m: None)
+    texts = []
+    for seed in (0, 0, 1):
+        model = build_model(cfg, ds)
+        model.fit_data(ds, seed=seed)
+        texts.append(bytes(model.booster_model.numpy()))
+    assert texts[0] == texts[1] and texts[0] != texts[2]

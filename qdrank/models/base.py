@@ -84,9 +84,11 @@ class RankModel(nn.Module):
         """The model's own per-candidate vectors ([N, d] each; ``n_candidate_vectors`` of them)."""
         return []
 
-    def fit_data(self, ds: SearchLogDataset) -> None:
+    def fit_data(self, ds: SearchLogDataset, seed: int = 0) -> None:
         """Fit statistics from the TRAINING split of ``ds`` (baselines); gradient-trained models
-        learn in the trainer's epochs instead, so this is a no-op for them."""
+        learn in the trainer's epochs instead, so this is a no-op for them. ``seed`` is the run's
+        ``train.seed``: a baseline with randomness (gbdt's folds and feature sampling) follows it,
+        so a benchmark's seeds are seeds for the baselines too."""
 
     # ---- the head ---------------------------------------------------------------------------
     def build_head(self, n_request_vectors: int = 0, n_candidate_vectors: int = 0, interest: bool = False,

@@ -255,7 +255,7 @@ class Trainer:
             raise ValueError(f"model {self.cfg.model_name!r} is fitted from a dataset loaded in memory; streamed "
                              "shards are not supported for baselines yet: pass the dataset directory")
         t0 = time.perf_counter()
-        self.model.fit_data(ds)
+        self.model.fit_data(ds, seed=t.seed)
         fit_seconds = time.perf_counter() - t0
         if self.ctx.main:
             ckpt.save_tensors(self.run_dir / ckpt.WEIGHTS, ckpt.model_tensors(self.model))

@@ -112,7 +112,7 @@ class HistoryMatch(Baseline):
         self.matcher = HistoryMatcher(fmap, cfg.decay)
         self.category = next(((s, w) for n, s, w in self.matcher.features if n == fmap.has_category), None)
 
-    def fit_data(self, ds: SearchLogDataset) -> None:
+    def fit_data(self, ds: SearchLogDataset, seed: int = 0) -> None:
         if self.cfg.fit_action_weights:
             self.matcher.fit(self.batches(ds, "train"))
 

@@ -17,7 +17,7 @@ from qdrank.models.baselines.common import Baseline
 class LoggedOrder(Baseline):
     uses_logged_position = True
 
-    def fit_data(self, ds: SearchLogDataset) -> None:
+    def fit_data(self, ds: SearchLogDataset, seed: int = 0) -> None:
         """Nothing to fit: the order is the log's."""
 
     def candidate_scores(self, batch: Batch) -> torch.Tensor:

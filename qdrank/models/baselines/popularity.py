@@ -71,7 +71,7 @@ class Popularity(Baseline):
         super().__init__(fmap, cfg)
         self.pop = ItemPopularity(fmap)
 
-    def fit_data(self, ds: SearchLogDataset) -> None:
+    def fit_data(self, ds: SearchLogDataset, seed: int = 0) -> None:
         self.pop.fit(ds)
 
     def candidate_scores(self, batch: Batch) -> torch.Tensor:

@@ -114,7 +114,7 @@ class TextMatch(Baseline):
         super().__init__(fmap, cfg)
         self.text = TextOverlap(fmap, cfg.idf)
 
-    def fit_data(self, ds: SearchLogDataset) -> None:
+    def fit_data(self, ds: SearchLogDataset, seed: int = 0) -> None:
         self.text.fit(ds)
 
     def candidate_scores(self, batch: Batch) -> torch.Tensor:
