@@ -66,6 +66,8 @@ class ModelConfig:
                                    # primary `serving` metrics score without it (see PositionBias)
     cross: bool = True             # shared cross features (candidate x query / x history, query-item
     #                                token overlap) in every neural model's head (README "Models")
+    cross_history: bool = True     # with them: how often / how recently the history hit the candidate's
+    #                                item and each of its side values (CrossFeatures.history_match)
 
 
 @dataclass

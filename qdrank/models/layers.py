@@ -265,12 +265,37 @@ SIDE_VALUE_TOKENS = 4
 MAX_SIDE_VOCAB = 100_000
 
 
+HISTORY_DECAY = 0.9  # weight of a behaviour in the recency-weighted match: decay ** (later behaviours)
+
+
+def history_recency(batch: Batch, decay: float = HISTORY_DECAY) -> torch.Tensor:
+    """[R, L] ``decay ** (number of later behaviours)``, 0 on padding (histories are left-aligned)."""
+    L = batch.hist_item.shape[1]
+    age = (batch.hist_len.unsqueeze(1) - 1 - torch.arange(L, device=batch.hist_item.device)).clamp_min(0)
+    return decay ** age.float() * batch.hist_mask
+
+
+def history_item_match(batch: Batch) -> torch.Tensor:
+    """[N, L] the behaviour's item is the candidate (known items only: rows 0/1 are pad/OOV)."""
+    h = batch.hist_item[batch.cand_req]
+    return (h == batch.cand_item.unsqueeze(1)) & (batch.cand_item > 1).unsqueeze(1)
+
+
+def history_feature_match(batch: Batch, item_sparse: torch.Tensor, start: int, width: int) -> torch.Tensor:
+    """[N, L] the behaviour's item shares a value of the item feature at slots [start, start+width)
+    with the candidate (a list feature matches on any shared value)."""
+    c = item_sparse[batch.cand_item, start:start + width]                       # [N, W]
+    h = item_sparse[batch.hist_item, start:start + width][batch.cand_req]       # [N, L, W]
+    eq = (h.unsqueeze(-1) == c.unsqueeze(1).unsqueeze(2)) & (c > 0).unsqueeze(1).unsqueeze(2)
+    return eq.any(-1).any(-1) & batch.hist_mask[batch.cand_req]
+
+
 class CrossFeatures(nn.Module):
     """The cross features of a candidate and its request, the same for every neural model.
 
-    Per candidate, ``width = 2 * dim + 4`` columns::
+    Per candidate, ``width = 2 * dim + 4 + n_history`` columns::
 
-        [ c * q,  c * h,  text share, text any, side share, side any ]
+        [ c * q,  c * h,  text share, text any, side share, side any,  history matches ]
 
     ``c`` is the candidate vector, ``q`` the request's query vector, ``h`` the masked mean of its
     history tokens. The overlap columns compare the request's hashed query tokens with the
@@ -279,14 +304,24 @@ class CrossFeatures(nn.Module):
     brand...), hashed into that space here once from the feature map's vocabularies. *share* is
     the fraction of the query's tokens found, *any* whether one is (both 0 for an empty query).
     The item id and features with more than ``MAX_SIDE_VOCAB`` values are not tokenised.
+
+    *history matches* (``history=True``, ``model.cross_history``): for the candidate's item, then
+    for each of its categorical side features (category, brand...), how often the user's earlier
+    behaviours hit the same value (``log1p`` of the count) and how recently (the sum of
+    ``HISTORY_DECAY ** later behaviours`` over the hits). A pooled history ``h`` blurs an exact
+    repeat; these columns carry it, as the ``history_match`` and ``gbdt`` baselines see it, so every
+    neural model gets the same evidence as the baselines it is compared with.
     """
 
     N_OVERLAP = 4
     ROLES = ("item", "candidate")
 
-    def __init__(self, fmap: FeatureMap, dim: int):
+    def __init__(self, fmap: FeatureMap, dim: int, history: bool = True):
         super().__init__()
-        self.width = 2 * dim + self.N_OVERLAP
+        self.history_slots = ([(s, w) for f, s, w in fmap.slot_layout("item") if f.type in ("categorical", "list")
+                               and f.name != "item_id" and len(f.vocab) <= MAX_SIDE_VOCAB] if history else [])
+        self.n_history = 2 * (1 + len(self.history_slots)) if history else 0
+        self.width = 2 * dim + self.N_OVERLAP + self.n_history
         tables = [np.zeros((1, SIDE_VALUE_TOKENS), dtype=np.int64)]     # row 0: missing value
         n_rows = 1
         self.has_tokens: dict[str, bool] = {}
@@ -328,9 +363,28 @@ class CrossFeatures(nn.Module):
         share = hit.sum(-1) / valid.sum(-1, keepdim=True).clamp_min(1)
         return torch.stack([share, hit.any(-1)], -1).flatten(1).float()
 
-    def forward(self, c: torch.Tensor, q: torch.Tensor, h: torch.Tensor, overlap: torch.Tensor) -> torch.Tensor:
-        """c, q, h [N, d] (q and h already gathered to candidates), overlap [N, 4] -> [N, width]."""
-        return torch.cat([c * q, c * h, overlap.to(c.dtype)], -1)
+    def history_match(self, batch: Batch, item_sparse: torch.Tensor) -> torch.Tensor:
+        """[N, n_history]: (log1p count, recency-weighted count) of history hits on the candidate's item,
+        then on each item side feature."""
+        if not self.n_history:
+            return torch.zeros(batch.cand_item.shape[0], 0, device=batch.cand_item.device)
+        recency = history_recency(batch)[batch.cand_req]                            # [N, L]
+        matches = [history_item_match(batch), *(history_feature_match(batch, item_sparse, s, w)
+                                                for s, w in self.history_slots)]
+        cols = []
+        for m in matches:
+            m = m.float()
+            cols += [torch.log1p(m.sum(-1)), (m * recency).sum(-1)]
+        return torch.stack(cols, -1)
+
+    def forward(self, c: torch.Tensor, q: torch.Tensor, h: torch.Tensor, overlap: torch.Tensor,
+                history: torch.Tensor | None = None) -> torch.Tensor:
+        """c, q, h [N, d] (q and h already gathered to candidates), overlap [N, 4], history
+        [N, n_history] -> [N, width]."""
+        parts = [c * q, c * h, overlap.to(c.dtype)]
+        if self.n_history:
+            parts.append(history.to(c.dtype))
+        return torch.cat(parts, -1)
 
 
 def split_linear(layer: nn.Linear, req: torch.Tensor, cand: torch.Tensor, cand_req: torch.Tensor) -> torch.Tensor:

@@ -19,6 +19,7 @@ from qdrank.data.batch import Batch
 from qdrank.data.dataset import SearchLogDataset
 from qdrank.data.features import FeatureMap
 from qdrank.models.baselines.common import Baseline, FittedBuffers, sparse_features
+from qdrank.models.layers import history_feature_match, history_item_match, history_recency
 
 PRIOR_STRENGTH = 20.0  # pseudo-candidates pulling a rare action's click rate to the overall rate
 
@@ -58,21 +59,17 @@ class HistoryMatcher(FittedBuffers):
 
     def recency(self, batch: Batch) -> torch.Tensor:
         """[R, L] decay ** (number of later behaviours), 0 on padding."""
-        L = batch.hist_item.shape[1]
-        age = (batch.hist_len.unsqueeze(1) - 1 - torch.arange(L, device=batch.hist_item.device)).clamp_min(0)
-        return self.decay ** age.float() * batch.hist_mask
+        return history_recency(batch, self.decay)
 
-    def item_match(self, batch: Batch) -> torch.Tensor:
+    @staticmethod
+    def item_match(batch: Batch) -> torch.Tensor:
         """[N, L] the behaviour's item is the candidate (known items only)."""
-        h = batch.hist_item[batch.cand_req]
-        return (h == batch.cand_item.unsqueeze(1)) & (batch.cand_item > 1).unsqueeze(1)
+        return history_item_match(batch)
 
-    def feature_match(self, batch: Batch, item_sparse: torch.Tensor, start: int, width: int) -> torch.Tensor:
+    @staticmethod
+    def feature_match(batch: Batch, item_sparse: torch.Tensor, start: int, width: int) -> torch.Tensor:
         """[N, L] the behaviour's item shares a value of the feature at slots [start, start+width)."""
-        c = item_sparse[batch.cand_item, start:start + width]                       # [N, W]
-        h = item_sparse[batch.hist_item, start:start + width][batch.cand_req]       # [N, L, W]
-        eq = (h.unsqueeze(-1) == c.unsqueeze(1).unsqueeze(2)) & (c > 0).unsqueeze(1).unsqueeze(2)
-        return eq.any(-1).any(-1) & batch.hist_mask[batch.cand_req]
+        return history_feature_match(batch, item_sparse, start, width)
 
     def fit(self, batches) -> None:
         """Action weights from training batches: click rate of candidates met before with action a,
