@@ -6,6 +6,8 @@ Written once here so model files hold only what makes each model different.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -307,8 +309,8 @@ class CrossFeatures(nn.Module):
 
     *history matches* (``history=True``, ``model.cross_history``): for the candidate's item, then
     for each of its categorical side features (category, brand...), how often the user's earlier
-    behaviours hit the same value (``log1p`` of the count) and how recently (the sum of
-    ``HISTORY_DECAY ** later behaviours`` over the hits). A pooled history ``h`` blurs an exact
+    behaviours hit the same value (``log1p(count) / log1p(L)``) and how recently (the share of the
+    weights ``HISTORY_DECAY ** later behaviours`` that falls on hits); both in [0, 1]. A pooled history ``h`` blurs an exact
     repeat; these columns carry it, as the ``history_match`` and ``gbdt`` baselines see it, so every
     neural model gets the same evidence as the baselines it is compared with.
     """
@@ -364,17 +366,21 @@ class CrossFeatures(nn.Module):
         return torch.stack([share, hit.any(-1)], -1).flatten(1).float()
 
     def history_match(self, batch: Batch, item_sparse: torch.Tensor) -> torch.Tensor:
-        """[N, n_history]: (log1p count, recency-weighted count) of history hits on the candidate's item,
-        then on each item side feature."""
+        """[N, n_history]: (log-scaled count, recency-weighted share) of history hits on the candidate's
+        item, then on each item side feature."""
         if not self.n_history:
             return torch.zeros(batch.cand_item.shape[0], 0, device=batch.cand_item.device)
         recency = history_recency(batch)[batch.cand_req]                            # [N, L]
+        # both columns in [0, 1] whatever the history length: count on a log scale over the window,
+        # and the recency-weighted share of the history that hits
+        count_scale = math.log1p(batch.hist_item.shape[1])
+        total = recency.sum(-1).clamp_min(1e-6)
         matches = [history_item_match(batch), *(history_feature_match(batch, item_sparse, s, w)
                                                 for s, w in self.history_slots)]
         cols = []
         for m in matches:
             m = m.float()
-            cols += [torch.log1p(m.sum(-1)), (m * recency).sum(-1)]
+            cols += [torch.log1p(m.sum(-1)) / count_scale, (m * recency).sum(-1) / total]
         return torch.stack(cols, -1)
 
     def forward(self, c: torch.Tensor, q: torch.Tensor, h: torch.Tensor, overlap: torch.Tensor,
