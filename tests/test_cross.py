@@ -103,7 +103,7 @@ def reference_overlap(model: RankModel, b) -> torch.Tensor:
 
 def reference_history_match(model: RankModel, b) -> torch.Tensor:
     """[N, n_history] by plain Python: per candidate, for its item then each item side feature, log1p of
-    the number of earlier behaviours with the same value over log1p(L), and the share of the weights
+    the number of earlier behaviours with the same value over log1p(50), and the share of the weights
     0.9 ** (later behaviours) on those behaviours."""
     fmap, item_sparse = model.fmap, model.emb.item_sparse
     feats = [(s, w) for f, s, w in fmap.slot_layout("item") if f.type in ("categorical", "list") and f.name != "item_id"]
@@ -120,7 +120,7 @@ def reference_history_match(model: RankModel, b) -> torch.Tensor:
         total = max(sum(0.9 ** a for a in range(length)), 1e-6)
         for hit in tests:
             ages = [length - 1 - j for j, h in enumerate(hist) if hit(h)]
-            row += [math.log1p(len(ages)) / math.log1p(b.hist_item.shape[1]), sum(0.9 ** a for a in ages) / total]
+            row += [math.log1p(len(ages)) / math.log1p(50), sum(0.9 ** a for a in ages) / total]
         out.append(row)
     return torch.tensor(out)
 

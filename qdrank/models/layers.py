@@ -268,6 +268,8 @@ MAX_SIDE_VOCAB = 100_000
 
 
 HISTORY_DECAY = 0.9  # weight of a behaviour in the recency-weighted match: decay ** (later behaviours)
+HISTORY_COUNT_SCALE = math.log1p(50)  # count column = log1p(hits) / this (1 = every behaviour of a default
+#                                       50-behaviour window hits)
 
 
 def history_recency(batch: Batch, decay: float = HISTORY_DECAY) -> torch.Tensor:
@@ -309,7 +311,7 @@ class CrossFeatures(nn.Module):
 
     *history matches* (``history=True``, ``model.cross_history``): for the candidate's item, then
     for each of its categorical side features (category, brand...), how often the user's earlier
-    behaviours hit the same value (``log1p(count) / log1p(L)``) and how recently (the share of the
+    behaviours hit the same value (``log1p(count) / log1p(50)``) and how recently (the share of the
     weights ``HISTORY_DECAY ** later behaviours`` that falls on hits); both in [0, 1]. A pooled history ``h`` blurs an exact
     repeat; these columns carry it, as the ``history_match`` and ``gbdt`` baselines see it, so every
     neural model gets the same evidence as the baselines it is compared with.
@@ -371,9 +373,9 @@ class CrossFeatures(nn.Module):
         if not self.n_history:
             return torch.zeros(batch.cand_item.shape[0], 0, device=batch.cand_item.device)
         recency = history_recency(batch)[batch.cand_req]                            # [N, L]
-        # both columns in [0, 1] whatever the history length: count on a log scale over the window,
-        # and the recency-weighted share of the history that hits
-        count_scale = math.log1p(batch.hist_item.shape[1])
+        # both columns ~[0, 1]: the count on a log scale (a constant scale, so padding never changes a
+        # score), and the recency-weighted share of the history that hits
+        count_scale = HISTORY_COUNT_SCALE
         total = recency.sum(-1).clamp_min(1e-6)
         matches = [history_item_match(batch), *(history_feature_match(batch, item_sparse, s, w)
                                                 for s, w in self.history_slots)]
