@@ -187,10 +187,10 @@ class _Table:
     def __init__(self, name: str, source: Path | pa.Table):
         self.name = name
         self._table: pa.Table | None = source if isinstance(source, pa.Table) else None
-        self._file: pq.ParquetFile | None = None
+        self._path = None if self._table is not None else Path(source)
         if self._table is None:
-            self._file = self._guard(lambda: pq.ParquetFile(source))
-            self.schema, self.num_rows = self._file.schema_arrow, self._file.metadata.num_rows
+            with self._open() as f:
+                self.schema, self.num_rows = f.schema_arrow, f.metadata.num_rows
         else:
             self.schema, self.num_rows = self._table.schema, self._table.num_rows
         self.column_names: list[str] = self.schema.names
@@ -201,25 +201,36 @@ class _Table:
         except Exception as e:  # pyarrow raises several types for corrupt/non-parquet files
             raise DatasetError(self.name, f"cannot be read as Parquet ({type(e).__name__}: {e})") from e
 
+    def _open(self) -> pq.ParquetFile:
+        # a reader holds its last row group's buffers: each pass opens (and closes) its own
+        return self._guard(lambda: pq.ParquetFile(self._path))
+
     def type(self, column: str) -> pa.DataType:
         return self.schema.field(column).type
 
     def batches(self, columns: list[str]) -> Iterator[tuple[int, pa.RecordBatch]]:
         """(index of its first row, batch) over ``columns``, in row order."""
         if self._table is not None:
-            it = iter(self._table.select(columns).to_batches(max_chunksize=BATCH_ROWS))
-        else:
-            it = self._guard(lambda: self._file.iter_batches(batch_size=BATCH_ROWS, columns=columns))
-        start = 0
-        while (b := self._guard(lambda: next(it, None))) is not None:
-            yield start, b
-            start += b.num_rows
+            yield from _numbered(iter(self._table.select(columns).to_batches(max_chunksize=BATCH_ROWS)), lambda f: f())
+            return
+        with self._open() as f:
+            it = self._guard(lambda: f.iter_batches(batch_size=BATCH_ROWS, columns=columns))
+            yield from _numbered(it, self._guard)
+            del it
 
     def read(self, columns: list[str]) -> pa.Table:
         """Whole columns: only for per-id keys (items, users) and the fallbacks that need them."""
         if self._table is not None:
             return self._table.select(columns)
-        return self._guard(lambda: self._file.read(columns=columns))
+        with self._open() as f:
+            return self._guard(lambda: f.read(columns=columns))
+
+
+def _numbered(it: Iterator[pa.RecordBatch], guard: Callable) -> Iterator[tuple[int, pa.RecordBatch]]:
+    start = 0
+    while (b := guard(lambda: next(it, None))) is not None:
+        yield start, b
+        start += b.num_rows
 
 
 class _Uniques:
@@ -589,7 +600,10 @@ class _Requests:
             _raise_null(REQUESTS, c, hit)
         self.ids, self.ts = np.concatenate(ids), np.concatenate(ts)
         del ids, ts
-        _check_unique(REQUESTS, pd.DataFrame({"request_id": self.ids}), "request_id")
+        self.order = np.argsort(self.ids, kind="stable")
+        self.sorted_ids = self.ids[self.order]
+        if (self.sorted_ids[1:] == self.sorted_ids[:-1]).any():  # then find the row as pandas names it
+            _check_unique(REQUESTS, pd.DataFrame({"request_id": self.ids}), "request_id")
         uid.check(REQUESTS)
         if self.has_split:
             _check_type(REQUESTS, t, "split", ("str",))
@@ -598,8 +612,6 @@ class _Requests:
         self.clock = _Clock(REQUESTS, time.time())
         self.clock.add(0, self.ts)
         self.clock.values = self.ts
-        self.order = np.argsort(self.ids, kind="stable")
-        self.sorted_ids = self.ids[self.order]
         frame = {"request_id": self.ids, "timestamp": self.ts}
         if self.has_split:
             frame["split"] = pd.Categorical.from_codes(np.concatenate(splits), categories=SPLITS)
@@ -906,13 +918,14 @@ class _FeatureStats:
             same[1] &= bool((nn == (y == 0)).all())
         if self.leak and self.hashable and self.values is not None and nn.all():
             codes, uniq = pd.factorize(series)
-            for k, v in enumerate(uniq):
-                key = v.item() if isinstance(v, np.generic) else v
+            keys = [v.item() if isinstance(v, np.generic) else v for v in uniq[:3]]
+            if len(uniq) > 2 or len(set(self.values) | set(keys)) > 2:
+                self.values = None  # more than two values: not a recoded label
+                return
+            for k, key in enumerate(keys):
                 seen = self.values.setdefault(key, {label: set() for label in self.leak})
                 for label in self.leak:
                     seen[label].update(np.unique(labels[label][codes == k]).tolist())
-            if len(self.values) > 2:
-                self.values = None  # more than two values: not a recoded label
 
 
 def _check_features(src: dict[str, _Table], spec: dict, imp: _Impressions, warnings: list[str]) -> None:
