@@ -4,7 +4,9 @@ A dataset is a directory of Parquet tables (see README "Data format"). Every loa
 :func:`validate_dataset`, so a bad file fails early with the file, column and an offending row
 named, and a fix, instead of silently producing empty histories, leaked labels or wrong features
 later. What can only be a mistake raises :class:`DatasetError`; what is merely suspicious becomes a
-warning of the report (README "Validation" lists both).
+warning of the report (README "Validation" lists both). Validation streams each table in batches
+of rows and keeps only per-request, per-user and per-item state, so a 10M-impression log
+validates in about the memory of a 1M one.
 """
 
 from __future__ import annotations

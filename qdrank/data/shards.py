@@ -7,8 +7,9 @@ behaviours, most recent ``max_history``: :func:`~qdrank.data.dataset.history_bou
 as list columns in row groups. Beside them: ``feature_map.json``, ``items.safetensors`` (item
 side-feature tables) and ``manifest.json`` (data config, split counts, shard list).
 
-Memory is bounded by the chunk and bucket sizes, not by the log: every table is read in record
-batches; vocabularies and numeric statistics are fitted in a streaming pass over the training
+The dataset is first validated (:func:`~qdrank.data.schema.validate_dataset`, streamed too), so
+shards refuse what training refuses. Memory is bounded by the chunk and bucket sizes, not by the
+log: every table is read in record batches; vocabularies and numeric statistics are fitted in a streaming pass over the training
 split (:class:`~qdrank.data.dataset.FeatureFitter`, the same code the in-memory loader runs);
 histories need behaviours sorted by (user, time), so requests, impressions and behaviours are first
 partitioned into user-hash buckets on disk and each bucket is windowed on its own. Only per-request
