@@ -8,6 +8,7 @@ what is merely suspicious is warned about.
 from __future__ import annotations
 
 import dataclasses
+import re
 import subprocess
 import sys
 from collections.abc import Callable
@@ -453,3 +454,16 @@ def test_repeats_in_impressions_not_grouped_by_request(tmp_path, monkeypatch):
     monkeypatch.setattr(schema, "BATCH_ROWS", 8)
     w = [x for x in validate_dataset(d).warnings if "repeat an item" in x]
     assert w and f"row {np.flatnonzero(dup)[0]} " in w[0] and f"{dup.sum()} impressions repeat" in w[0], w
+
+
+@pytest.mark.parametrize("pandas_metadata,shown", [(True, "(value -1)"), (False, "(value -1.0)")])
+def test_value_named_as_the_whole_column_shows_it(tmp_path, monkeypatch, pandas_metadata, shown):
+    """An int column with a null is float64 in pandas unless the file's pandas metadata makes it
+    Int64: the value in the message is the whole column's, not that of a null-free batch."""
+    d = corrupted(tmp_path, col(IMP, "position", lambda d: d.position.astype("Int64").where(d.index != 3, pd.NA)
+                                .where(d.index != 70, -1)))
+    if not pandas_metadata:
+        pq.write_table(pq.read_table(d / IMP).replace_schema_metadata(None), d / IMP)
+    monkeypatch.setattr(schema, "BATCH_ROWS", 8)
+    with pytest.raises(DatasetError, match=rf"'position', row 70 {re.escape(shown)}: position negative"):
+        validate_dataset(in_row_groups(d, 16))

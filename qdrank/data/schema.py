@@ -210,6 +210,17 @@ class _Table:
     def type(self, column: str) -> pa.DataType:
         return self.schema.field(column).type
 
+    def pandas_value(self, column: str, value: object, has_null: bool) -> object:
+        """``value`` as the whole column's pandas form shows it (named in messages): an int column
+        holding a null is float64 there, unless the file's pandas metadata makes it Int64."""
+        field = self.schema.field(column)
+        try:
+            one = pa.table([pa.array([value] + [None] * has_null, field.type)],
+                           schema=pa.schema([field], metadata=self.schema.metadata))
+            return one.to_pandas()[column].iloc[0]
+        except (pa.ArrowException, TypeError, ValueError, KeyError):
+            return value
+
     def batches(self, columns: list[str]) -> Iterator[tuple[int, pa.RecordBatch]]:
         """(index of its first row, batch) over ``columns``, in row order."""
         if self._table is not None:
@@ -284,16 +295,11 @@ def _nulls(col: pa.Array) -> np.ndarray:
     return pc.is_null(col, nan_is_null=True).to_numpy(zero_copy_only=False)
 
 
-def _pandas_value(value: object, t: pa.DataType, has_null: bool) -> object:
-    """A value as the whole column's pandas form shows it: an int column with nulls is float64."""
-    return float(value) if has_null and _is_int(t) and value is not None else value
-
-
 class _Labels:
     """A 0/1 label column (click, purchase) checked batch by batch, as one column would be."""
 
     def __init__(self, table: _Table, column: str, allow_null: bool):
-        self.file, self.column, self.allow_null = table.name, column, allow_null
+        self.table, self.file, self.column, self.allow_null = table, table.name, column, allow_null
         self.type = table.type(column)
         self.numeric = _kind(self.type) in ("int", "float", "bool", "null")
         self.non_null, self.null, self.bad = _Hit(), _Hit(), _Hit()
@@ -319,7 +325,7 @@ class _Labels:
             raise DatasetError(self.file, "null label (labels must be 0 or 1)", self.column, self.null.row)
         if self.bad:
             raise DatasetError(self.file, "label must be 0 or 1", self.column, self.bad.row,
-                               _pandas_value(self.bad.value, self.type, bool(self.null)))
+                               self.table.pandas_value(self.column, self.bad.value, bool(self.null)))
 
 
 def _check_unique(file: str, df: pd.DataFrame, column: str) -> None:
@@ -716,8 +722,10 @@ class _Impressions:
                 p = b.column("position")
                 pos_null += p.null_count
                 pf = pc.fill_null(p, 0).to_numpy().astype(np.float64)
-                neg_pos.add(start, pf < 0, p)
-                big_pos.add(start, pf > MAX_POSITION_VALUE, p)
+                if (pf < 0).any() or (pf > MAX_POSITION_VALUE).any():
+                    ps = p.to_pandas()
+                    neg_pos.add(start, pf < 0, ps)
+                    big_pos.add(start, pf > MAX_POSITION_VALUE, ps)
             rid = pc.fill_null(rid_col, 0).to_numpy().astype(np.int64, copy=False)
             idx, known = req.index(rid)
             unknown.add(start, ~known, rid)
@@ -752,7 +760,7 @@ class _Impressions:
             for bad, what in ((neg_pos, "negative"), (big_pos, f"larger than {MAX_POSITION_VALUE:,}")):
                 if bad:
                     raise DatasetError(IMPRESSIONS, f"position {what}: positions are 0-based ranks in the result list",
-                                       "position", bad.row, _pandas_value(bad.value, t.type("position"), pos_null > 0),
+                                       "position", bad.row, t.pandas_value("position", bad.value, pos_null > 0),
                                        hint="write the rank (0 = top) or null when unknown")
         if unknown:
             raise DatasetError(IMPRESSIONS, "impression of an unknown request (not in requests.parquet)",
@@ -969,7 +977,7 @@ def _check_features(src: dict[str, _Table], spec: dict, imp: _Impressions, warni
             st = stats[col]
             if ftype == "list" and kind not in ("list", "null"):
                 raise DatasetError(table, f"declared a list feature but holds {t} values, not lists", col,
-                                   st.non_null.row, _pandas_value(st.non_null.value, t, st.non_null.count < st.n),
+                                   st.non_null.row, tab.pandas_value(col, st.non_null.value, st.non_null.count < st.n),
                                    hint=f"store a list<string> column, e.g. df['{col}'] = df['{col}'].str.split('|')")
             if ftype != "list" and kind == "list":
                 raise DatasetError(table, f"{how} {ftype} but holds lists", col,
