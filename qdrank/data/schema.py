@@ -514,6 +514,7 @@ def validate_dataset(path: str | os.PathLike, tables: dict[str, pa.Table] | None
     _check_timestamps(req.clock, beh.clock, warnings, beh.late)
     _check_features(src, spec, imp, warnings)
     _check_splits(req, imp, warnings)
+    pa.default_memory_pool().release_unused()  # the batches' pages: give them back before the caller's work
 
     return ValidationReport(
         path=path, n_requests=src[REQUESTS].num_rows, n_impressions=src[IMPRESSIONS].num_rows,
