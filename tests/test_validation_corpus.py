@@ -8,6 +8,7 @@ what is merely suspicious is warned about.
 from __future__ import annotations
 
 import dataclasses
+import re
 import subprocess
 import sys
 from collections.abc import Callable
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 import yaml
 
@@ -378,3 +380,90 @@ def test_cli_train_refuses_empty_split(tmp_path):
     p.stderr = "\n".join(line for line in p.stderr.splitlines() if not line.startswith("warning: "))
     assert_one_line_error(p, "requests.parquet", "valid split holds 0 requests")
     assert not (tmp_path / "run" / "model.safetensors").exists()
+
+
+# ---- streaming: a dataset in many row groups (read in many batches) gets the verdict of one -------
+def verdict(d: Path) -> tuple:
+    try:
+        r = validate_dataset(d)
+    except DatasetError as e:
+        return "refused", str(e)
+    return "accepted", r.warnings, r.n_requests, r.n_impressions, r.n_behaviors, r.has_purchase
+
+
+def in_row_groups(d: Path, rows: int) -> Path:
+    """Rewrite every table of ``d`` in row groups of ``rows`` rows."""
+    for f in d.glob("*.parquet"):
+        t = pq.read_table(f)
+        pq.write_table(t, f, row_group_size=rows)
+        assert pq.ParquetFile(f).num_row_groups == max(1, -(-t.num_rows // rows))
+    return d
+
+
+@pytest.mark.parametrize("name,fix", [(n, f) for n, f, _ in REFUSED + WARNED], ids=[c[0] for c in REFUSED + WARNED])
+def test_many_row_groups_give_the_verdict_of_one(tmp_path, monkeypatch, name, fix):
+    """Same error message (row included) or the same warnings, read in batches of 7 rows from row
+    groups of 5 rows as in one batch from one row group."""
+    d = corrupted(tmp_path, fix)
+    one = verdict(d)
+    monkeypatch.setattr(schema, "BATCH_ROWS", 7)
+    assert verdict(in_row_groups(d, 5)) == one
+
+
+LATER = [  # (table, column, edit, parts of the error): the offending row lies in a later row group
+    (IMP, "request_id", lambda d: d.request_id.where(d.index != 100, 999), ["row 100", "value 999", "unknown request"]),
+    (REQ, "request_id", lambda d: d.request_id.where(d.index != 37, 100), ["row 37", "duplicate"]),
+    (IMP, "position", lambda d: d.position.where(d.index != 117, -2), ["row 117", "negative"]),
+    (BEH, "action", lambda d: d.action.where(d.index != 50, ""), ["row 50", "empty string"]),
+    (IMP, "price", lambda d: d.price.map(str).where(d.index != 90, "n/a"), ["row 90", "'n/a'", "(1 such rows)"]),
+]
+
+
+@pytest.mark.parametrize("table,column,edit,parts", LATER, ids=[f"{t}:{c}" for t, c, *_ in LATER])
+def test_error_in_a_later_row_group_names_its_row(tmp_path, monkeypatch, table, column, edit, parts):
+    d = in_row_groups(corrupted(tmp_path, col(table, column, edit)), 16)
+    monkeypatch.setattr(schema, "BATCH_ROWS", 8)
+    with pytest.raises(DatasetError) as e:
+        validate_dataset(d)
+    for part in [table, f"'{column}'", *parts]:
+        assert part in str(e.value), (part, str(e.value))
+
+
+def test_warnings_count_rows_over_every_batch(tmp_path, monkeypatch):
+    """Counts add up over batches; a repeat straddling a batch boundary (rows 15 and 16, one
+    request) is found; the first offending row is named."""
+    fix = both(col(IMP, "price", lambda d: d.price.where(~d.index.isin([20, 110]), np.inf)),
+               col(IMP, "item_id", lambda d: d.item_id.where(d.index != 16, d.item_id.iloc[15])))
+    d = in_row_groups(corrupted(tmp_path, fix), 16)
+    monkeypatch.setattr(schema, "BATCH_ROWS", 8)
+    w = validate_dataset(d).warnings
+    assert any("'price', row 20" in x and "2 values are +/-inf" in x for x in w), w
+    assert any("'item_id', row 16" in x and "1 impressions repeat an item" in x for x in w), w
+
+
+def test_repeats_in_impressions_not_grouped_by_request(tmp_path, monkeypatch):
+    """Impressions in any order (a request's rows apart): the repeat check still finds every repeat
+    and the first one, as pandas' duplicated() names them."""
+    def shuffle(t, s):
+        imp = t[IMP].assign(item_id=t[IMP].item_id.where(~t[IMP].index.isin([4, 61]), t[IMP].item_id.shift(1)))
+        t[IMP] = imp.sample(frac=1, random_state=3).reset_index(drop=True)
+
+    d = in_row_groups(corrupted(tmp_path, shuffle), 16)
+    imp = pd.read_parquet(d / IMP)
+    dup = imp.duplicated(["request_id", "item_id"]).to_numpy()
+    monkeypatch.setattr(schema, "BATCH_ROWS", 8)
+    w = [x for x in validate_dataset(d).warnings if "repeat an item" in x]
+    assert w and f"row {np.flatnonzero(dup)[0]} " in w[0] and f"{dup.sum()} impressions repeat" in w[0], w
+
+
+@pytest.mark.parametrize("pandas_metadata,shown", [(True, "(value -1)"), (False, "(value -1.0)")])
+def test_value_named_as_the_whole_column_shows_it(tmp_path, monkeypatch, pandas_metadata, shown):
+    """An int column with a null is float64 in pandas unless the file's pandas metadata makes it
+    Int64: the value in the message is the whole column's, not that of a null-free batch."""
+    d = corrupted(tmp_path, col(IMP, "position", lambda d: d.position.astype("Int64").where(d.index != 3, pd.NA)
+                                .where(d.index != 70, -1)))
+    if not pandas_metadata:
+        pq.write_table(pq.read_table(d / IMP).replace_schema_metadata(None), d / IMP)
+    monkeypatch.setattr(schema, "BATCH_ROWS", 8)
+    with pytest.raises(DatasetError, match=rf"'position', row 70 {re.escape(shown)}: position negative"):
+        validate_dataset(in_row_groups(d, 16))

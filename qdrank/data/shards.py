@@ -7,8 +7,9 @@ behaviours, most recent ``max_history``: :func:`~qdrank.data.dataset.history_bou
 as list columns in row groups. Beside them: ``feature_map.json``, ``items.safetensors`` (item
 side-feature tables) and ``manifest.json`` (data config, split counts, shard list).
 
-Memory is bounded by the chunk and bucket sizes, not by the log: every table is read in record
-batches; vocabularies and numeric statistics are fitted in a streaming pass over the training
+The dataset is first validated (:func:`~qdrank.data.schema.validate_dataset`, streamed too), so
+shards refuse what training refuses. Memory is bounded by the chunk and bucket sizes, not by the
+log: every table is read in record batches; vocabularies and numeric statistics are fitted in a streaming pass over the training
 split (:class:`~qdrank.data.dataset.FeatureFitter`, the same code the in-memory loader runs);
 histories need behaviours sorted by (user, time), so requests, impressions and behaviours are first
 partitioned into user-hash buckets on disk and each bucket is windowed on its own. Only per-request
@@ -93,14 +94,6 @@ def _parquet(path: Path, name: str) -> pq.ParquetFile:
 
 def _batches(f: pq.ParquetFile, columns: list[str] | None = None) -> Iterator[pa.RecordBatch]:
     yield from f.iter_batches(batch_size=READ_ROWS, columns=columns)
-
-
-def _no_nulls(name: str, batch: pa.RecordBatch, columns: tuple[str, ...], row0: int) -> None:
-    for c in columns:
-        arr = batch.column(c)
-        if arr.null_count:
-            raise schema.DatasetError(name, "null value (not allowed)", c,
-                                      row0 + int(np.argmax(~pc.is_valid(arr).to_numpy(zero_copy_only=False))))
 
 
 def _bucket(keys: pd.Series | np.ndarray, n: int) -> np.ndarray:
@@ -188,24 +181,12 @@ def write_shards(data: str | os.PathLike, out: str | os.PathLike, cfg: DataConfi
     data, out = Path(data), Path(out)
     if rows_per_shard < 1 or row_group_size < 1:
         raise ValueError("--rows-per-shard and the row group size must be >= 1")
-    if not data.is_dir():
-        raise schema.DatasetError(str(data), "dataset directory does not exist")
-    for name in schema.REQUIRED_TABLES:
-        if not (data / name).exists():
-            raise schema.DatasetError(name, f"required table missing from {data}")
+    # the format's every rule, streamed (as `qdrank data validate`): shards refuse what training refuses
+    for w in schema.validate_dataset(data, split=cfg.split).warnings:
+        log(f"warning: {w}")
     spec = schema.load_spec(data)
     files = {n: _parquet(data, n) for n in schema.REQUIRED_TABLES + schema.OPTIONAL_TABLES if (data / n).exists()}
-    for name, f in files.items():
-        have = f.schema_arrow.names
-        for col in schema.REQUIRED_COLUMNS[name]:
-            if col not in have:
-                raise schema.DatasetError(name, f"required column missing (has: {', '.join(have)})", col)
     req_f, imp_f, beh_f = files[schema.REQUESTS], files[schema.IMPRESSIONS], files[schema.BEHAVIORS]
-    kinds = {n: pa.types.is_integer(files[n].schema_arrow.field("user_id").type)
-             for n in (schema.REQUESTS, schema.BEHAVIORS)}
-    if beh_f.metadata.num_rows and len(set(kinds.values())) > 1:
-        raise schema.DatasetError(schema.BEHAVIORS, "user_id type differs from requests.parquet user_id: the tables "
-                                  "would not join", "user_id")
     n_imp, n_beh = imp_f.metadata.num_rows, beh_f.metadata.num_rows
     # a bucket holds ~bucket_rows impressions, behaviours and history-window entries at most
     n_buckets = max(1, -(-max(n_imp, n_beh, req_f.metadata.num_rows * cfg.max_history) // max(bucket_rows, 1)))
@@ -213,21 +194,14 @@ def write_shards(data: str | os.PathLike, out: str | os.PathLike, cfg: DataConfi
     # ---- pass 1: request keys (id, time, split, user bucket), in file order --------------------
     has_split = "split" in req_f.schema_arrow.names
     cols = ["request_id", "user_id", "timestamp"] + (["split"] if has_split else [])
-    rid_l, ts_l, split_l, bucket_l, row = [], [], [], [], 0
+    rid_l, ts_l, split_l, bucket_l = [], [], [], []
     for batch in _batches(req_f, cols):
-        _no_nulls(schema.REQUESTS, batch, ("request_id", "user_id", "timestamp"), row)
         df = batch.to_pandas()
         rid_l.append(df["request_id"].to_numpy(dtype=np.int64))
         ts_l.append(df["timestamp"].to_numpy(dtype=np.int64))
         bucket_l.append(_bucket(df["user_id"], n_buckets))
         if has_split:
-            bad = ~df["split"].isin(schema.SPLITS).to_numpy()
-            if bad.any():
-                r = int(np.flatnonzero(bad)[0])
-                raise schema.DatasetError(schema.REQUESTS, f"split must be one of {schema.SPLITS}", "split", row + r,
-                                          df["split"].iloc[r])
             split_l.append(df["split"].to_numpy(dtype=object))
-        row += len(df)
     rid, ts = np.concatenate(rid_l), np.concatenate(ts_l)
     req_bucket = np.concatenate(bucket_l)
     keys = pd.DataFrame({"timestamp": ts, **({"split": np.concatenate(split_l)} if has_split else {})})
@@ -235,31 +209,18 @@ def write_shards(data: str | os.PathLike, out: str | os.PathLike, cfg: DataConfi
     del rid_l, ts_l, split_l, bucket_l, keys
     by_rid = np.argsort(rid, kind="stable")
     rid_sorted = rid[by_rid]
-    dup = np.flatnonzero(rid_sorted[1:] == rid_sorted[:-1])
-    if len(dup):
-        raise schema.DatasetError(schema.REQUESTS, "duplicate key", "request_id", int(by_rid[dup[0] + 1]),
-                                  int(rid_sorted[dup[0]]))
     if not (split == 0).any():
         raise schema.DatasetError(schema.REQUESTS, "no request falls in the train split")
     cutoff = int(ts[split == 0].max()) + 1
 
-    def request_pos(ids: np.ndarray, row0: int) -> np.ndarray:
-        """File-order position of each request id; an unknown id is a named error."""
-        i = np.minimum(np.searchsorted(rid_sorted, ids), len(rid_sorted) - 1)
-        bad = rid_sorted[i] != ids
-        if bad.any():
-            r = int(np.flatnonzero(bad)[0])
-            raise schema.DatasetError(schema.IMPRESSIONS, "impression of an unknown request (not in requests.parquet)",
-                                      "request_id", row0 + r, int(ids[r]))
-        return by_rid[i]
+    def request_pos(ids: np.ndarray) -> np.ndarray:
+        """File-order position of each request id; every id is known (validated)."""
+        return by_rid[np.minimum(np.searchsorted(rid_sorted, ids), len(rid_sorted) - 1)]
 
     # ---- pass 2: candidates per request -> shard of each request (time order within a split) ----
     counts = np.zeros(len(rid), dtype=np.int64)
-    row = 0
     for batch in _batches(imp_f, ["request_id"]):
-        _no_nulls(schema.IMPRESSIONS, batch, ("request_id",), row)
-        counts += np.bincount(request_pos(batch.column(0).to_numpy(), row), minlength=len(rid))
-        row += batch.num_rows
+        counts += np.bincount(request_pos(batch.column(0).to_numpy()), minlength=len(rid))
     shard_of = np.full(len(rid), -1, dtype=np.int64)
     shards: list[dict] = []
     splits_info = {}
@@ -276,9 +237,6 @@ def write_shards(data: str | os.PathLike, out: str | os.PathLike, cfg: DataConfi
             shards.append(entry)
             info["shards"].append(entry)
         splits_info[name] = info
-    empty = int((counts == 0).sum())
-    if empty:
-        log(f"warning: {empty} requests have no impressions (ignored in training)")
 
     # ---- pass 3: streaming feature fit over the training split ---------------------------------
     features = declare_features(spec, {n: _probe(files[n]) for n in
@@ -293,19 +251,14 @@ def write_shards(data: str | os.PathLike, out: str | os.PathLike, cfg: DataConfi
         fitter.update(schema.REQUESTS, df[train])
         train_users.update(df["user_id"][train].map(str))
         row += len(df)
-    row = 0
     for batch in _batches(imp_f):
         df = batch.to_pandas()
         fitter.see_all(schema.IMPRESSIONS, df)
-        fitter.update(schema.IMPRESSIONS, df[split[request_pos(df["request_id"].to_numpy(), row)] == 0])
-        row += len(df)
-    row = 0
+        fitter.update(schema.IMPRESSIONS, df[split[request_pos(df["request_id"].to_numpy())] == 0])
     for batch in _batches(beh_f):
-        _no_nulls(schema.BEHAVIORS, batch, ("user_id", "item_id", "timestamp", "action"), row)
         df = batch.to_pandas()
         fitter.see_all(schema.BEHAVIORS, df)
         fitter.update(schema.BEHAVIORS, df[df["timestamp"].to_numpy() < cutoff])
-        row += len(df)
     users = files[schema.USERS].read().to_pandas() if schema.USERS in files else None
     items = files[schema.ITEMS].read().to_pandas() if schema.ITEMS in files else None
     if users is not None:
@@ -365,11 +318,9 @@ def _scatter(tmp: Path, files: dict, fmap: FeatureMap, cfg: DataConfig, users: p
                     **_matrix_columns("user_dense", fmap.encode_numeric("user", prof)),
                     **{k2: v2 for k, v in enc.items() for k2, v2 in _matrix_columns(k, v).items()}}
             _scatter_table(req_w, pa.table(cols), req_bucket[pos])
-        row = 0
         for batch in _batches(files[schema.IMPRESSIONS]):
             df = batch.to_pandas()
-            pos = request_pos(df["request_id"].to_numpy(), row)
-            row += len(df)
+            pos = request_pos(df["request_id"].to_numpy())
             enc = encode_impressions(fmap, item_index, df)
             cols = {"request_id": df["request_id"].to_numpy(dtype=np.int64), "cand_item": enc["cand_item"],
                     "position": enc["position"], "click": enc["click"], "purchase": enc["purchase"],
