@@ -16,6 +16,8 @@ figures are machine-dependent.
 
 Switches (reference value -> fast value):
   fused     ``model.emb.fast``: unique items once per batch + fused EmbeddingBags (False -> True)
+  layers    ``set_fast_layers``: per-request rewrites of DIN's target attention and the HSTU/MTGR
+            candidate attention (reference forms -> fast forms; the same function, tests/test_speed.py)
   sparse    ``train.embedding_optimizer``: dense Adam -> row-wise lazy Adam on row-sparse grads
   prefetch  ``train.prefetch``: 0 -> 2 batches built ahead in a thread
   bf16      ``train.autocast``: none -> bf16 (measured, off by default)
@@ -37,6 +39,7 @@ import torch
 from qdrank.config import build_config
 from qdrank.data.dataset import SearchLogDataset
 from qdrank.data.sources import prepare_source
+from qdrank.models.layers import set_fast_layers
 from qdrank.models.registry import available_models
 from qdrank.training.prefetch import prefetch
 from qdrank.training.trainer import TrainStep, build_model
@@ -44,20 +47,24 @@ from qdrank.utils.io import atomic_write_json
 
 TARGETS = {"dnn": 60_000, "din": 30_000, "diffusiongs": 30_000, "diffusiongs@1000": 5_000}
 OTHER_TARGET = 15_000
-REFERENCE = {"fused": False, "embedding_optimizer": "dense", "prefetch": 0, "autocast": "none", "compile": False,
+REFERENCE = {"fused": False, "layers": False, "embedding_optimizer": "dense", "prefetch": 0, "autocast": "none", "compile": False,
              "nodrop": False}
-FAST = {"fused": True, "embedding_optimizer": "adam", "prefetch": 2, "autocast": "none", "compile": False,
+FAST = {"fused": True, "layers": True, "embedding_optimizer": "adam", "prefetch": 2, "autocast": "none", "compile": False,
         "nodrop": False}
-TOGGLES = {"fused": ("fused", True), "sparse": ("embedding_optimizer", "adam"), "prefetch": ("prefetch", 2),
+TOGGLES = {"fused": ("fused", True), "layers": ("layers", True), "sparse": ("embedding_optimizer", "adam"), "prefetch": ("prefetch", 2),
            "bf16": ("autocast", "bf16"), "compile": ("compile", True), "nodrop": ("nodrop", True)}
 
 
 def variants(ablate: bool, extra: list[str]) -> dict[str, dict]:
     """reference, fast, and with --ablate: reference + each default switch alone, fast + bf16 / nodrop
-    (``extra`` adds named switches, e.g. compile)."""
+    (``extra`` adds named switches, e.g. compile; ``-name``: fast without that switch)."""
     out = {"reference": dict(REFERENCE), "fast": dict(FAST)}
     names = [n for n in TOGGLES if n != "compile"] if ablate else []  # compile: opt in, it is slow
     for name in dict.fromkeys(names + extra):
+        if name.startswith("-"):  # the fast path without one switch: what that switch buys
+            key = TOGGLES[name[1:]][0]
+            out[f"fast{name}"] = {**FAST, key: REFERENCE[key]}
+            continue
         key, value = TOGGLES[name]
         if FAST[key] == value:
             out[f"ref+{name}"] = {**REFERENCE, key: value}
@@ -80,6 +87,7 @@ class Runner:
         self.name, self.ds, self.cfg = name, ds, cfg
         self.model = build_model(cfg, ds)
         self.model.emb.fast = sw["fused"]
+        set_fast_layers(self.model, sw["layers"])
         self.model.train()
         self.step = TrainStep(self.model, cfg.train, torch.device("cpu"))
 
@@ -166,7 +174,7 @@ def main() -> None:
     ap.add_argument("--block", type=int, default=5, help="steps per timed block")
     ap.add_argument("--rounds", type=int, default=4, help="timed blocks per variant (after one warm-up block)")
     ap.add_argument("--ablate", action="store_true", help="also each switch on its own")
-    ap.add_argument("--variants", default="", help="extra switches to measure, e.g. bf16,compile,nodrop")
+    ap.add_argument("--variants", default="", help="extra switches to measure, e.g. bf16,compile,nodrop; -layers = fast without layers")
     ap.add_argument("--profile", default="", help="folder for profiler tables of reference and fast")
     ap.add_argument("--profile-models", default="dnn,din,diffusiongs")
     ap.add_argument("--out", default="reports/bench/train.json")

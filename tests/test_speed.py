@@ -10,6 +10,14 @@ import pytest
 import torch
 from conftest import tiny_config
 
+from qdrank.models.layers import (
+    FeatureEmbedder,
+    TargetAttention,
+    from_slots,
+    request_slots,
+    set_fast_layers,
+    to_slots,
+)
 from qdrank.models.registry import available_models, model_class
 from qdrank.training.optim import (
     CombinedOptimizer,
@@ -84,7 +92,8 @@ NEURAL = [n for n in available_models() if model_class(n).gradient_trained]
 
 @pytest.mark.parametrize("name", NEURAL)
 def test_fast_embedding_computes_the_reference_function(tiny_dataset, name):
-    """Every model: fused path == reference path (logits and every gradient), dropout off."""
+    """Every model: fused embedding and fast layers == reference path (logits and every gradient),
+    dropout off."""
     _, ds = tiny_dataset
     model = build_model(tiny_config(name, "model.dropout=0"), ds)
     model.train()
@@ -92,12 +101,94 @@ def test_fast_embedding_computes_the_reference_function(tiny_dataset, name):
     outs = []
     for fast in (False, True):
         model.emb.fast = fast
+        set_fast_layers(model, fast)
         model.zero_grad()
         torch.manual_seed(0)  # models that draw noise in training (DiffusionGS) draw the same
         out = model(b)
         model.loss(b, out)[0].backward()
         outs.append((out.ctr_logit.detach(), _grads(model)))
     torch.testing.assert_close(outs[0][0], outs[1][0], rtol=1e-5, atol=1e-5)
+    scale = max(g.abs().max() for g in outs[0][1].values())
+    for k, g in outs[0][1].items():
+        torch.testing.assert_close(outs[1][1][k], g, rtol=1e-4, atol=1e-6 * float(scale), msg=k)
+
+
+# ---- per-request layer rewrites (set_fast_layers) ---------------------------------------------
+def _layer_switches(model) -> list[str]:
+    return [n for n, m in model.named_modules()
+            if not isinstance(m, FeatureEmbedder) and isinstance(getattr(m, "fast", None), bool)]
+
+
+def test_request_slots_round_trip():
+    """Uneven, unordered candidates: to_slots puts each at (its request, its rank in the request);
+    from_slots gives them back; request-major equal counts make the grid a view."""
+    cand_req = torch.tensor([2, 0, 2, 1, 2, 0])
+    s = request_slots(cand_req, 4)
+    assert (s.width, s.dense) == (3, False)
+    assert s.slot.tolist() == [0, 0, 1, 0, 2, 1]
+    x = torch.arange(6.0).unsqueeze(1).repeat(1, 2)
+    grid = to_slots(x, s)
+    assert grid.shape == (4, 3, 2) and grid[2, 2, 0] == 4 and grid[3].abs().sum() == 0
+    assert torch.equal(from_slots(grid, s), x)
+    d, x4 = request_slots(torch.tensor([0, 0, 1, 1]), 2), torch.arange(4.0)
+    assert d.dense and to_slots(x4, d).data_ptr() == x4.data_ptr()
+
+
+@pytest.mark.parametrize("softmax", [False, True])
+@pytest.mark.parametrize("layout", ["per_request", "uneven", "per_candidate"])
+def test_target_attention_decomposition_is_the_concatenated_mlp(softmax, layout):
+    """TargetAttention's fast form (decomposed first layer, per-request grid) == the MLP over
+    [q, k, q-k, q*k]: output and every gradient to 1e-10 in float64."""
+    torch.manual_seed(0)
+    d, R, L = 6, 4, 7
+    att = TargetAttention(d, (5, 3), softmax=softmax).double()
+    cand_req = {"per_request": torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]), "uneven": torch.tensor([0, 0, 0, 2, 3, 2]),
+                "per_candidate": None}[layout]
+    n = 5 if cand_req is None else len(cand_req)
+    rows = n if cand_req is None else R
+    q0, k0 = torch.randn(n, d, dtype=torch.float64), torch.randn(rows, L, d, dtype=torch.float64)
+    mask = torch.rand(rows, L) > 0.3
+    mask[1] = False  # a request with no valid behaviour
+    outs = []
+    for fast in (False, True):
+        att.fast = fast
+        att.zero_grad()
+        q, k = q0.clone().requires_grad_(), k0.clone().requires_grad_()
+        out = att(q, k, mask, cand_req)
+        (out * torch.linspace(-1, 1, d, dtype=torch.float64)).sum().backward()
+        outs.append([out.detach(), q.grad, k.grad, *(p.grad for p in att.parameters())])
+    assert outs[0][0].abs().sum() > 0
+    for a, b in zip(*outs):
+        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-10)
+
+
+# the models with a layer that has a fast and a reference form (checked complete below)
+LAYER_MODELS = ["din", "hstu", "mtgr"]
+
+
+def test_layer_models_list_is_complete(tiny_dataset):
+    _, ds = tiny_dataset
+    have = [n for n in NEURAL if _layer_switches(build_model(tiny_config(n), ds))]
+    assert have == [n for n in NEURAL if n in LAYER_MODELS]
+
+
+@pytest.mark.parametrize("name", LAYER_MODELS)
+def test_fast_layers_compute_the_reference_function(tiny_dataset, name):
+    """Every model with a per-request layer rewrite (target attention, HSTU candidates...): the
+    fast layers == the reference layers, logits and every gradient, dropout off."""
+    _, ds = tiny_dataset
+    model = build_model(tiny_config(name, "model.dropout=0"), ds)
+    model.train()
+    b = _batch(ds, model)
+    outs = []
+    for fast in (False, True):
+        set_fast_layers(model, fast)
+        model.zero_grad()
+        torch.manual_seed(0)
+        out = model(b)
+        model.loss(b, out)[0].backward()
+        outs.append((out.ctr_logit.detach(), _grads(model)))
+    torch.testing.assert_close(outs[1][0], outs[0][0], rtol=1e-5, atol=1e-5)
     scale = max(g.abs().max() for g in outs[0][1].values())
     for k, g in outs[0][1].items():
         torch.testing.assert_close(outs[1][1][k], g, rtol=1e-4, atol=1e-6 * float(scale), msg=k)

@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qdrank.models.layers import RequestSlots, from_slots, request_slots, to_slots
+
 #: time-gap bucket of a candidate: the request happens "now", gap 0 -> 1 + floor(log2(1 + 0)) = 1
 CANDIDATE_TIME_BUCKET = 1
 
@@ -115,6 +117,23 @@ class HSTULayer(nn.Module):
         a = F.silu(s) * mask.to(s.dtype) / n.to(s.dtype).clamp_min(1.0)[..., None, None, None]
         return torch.matmul(a, v).transpose(-2, -3).flatten(-2)
 
+    def attend_candidates(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_k: torch.Tensor,
+                          cache_v: torch.Tensor, bias: torch.Tensor, mask: torch.Tensor, n: torch.Tensor,
+                          s: RequestSlots) -> torch.Tensor:
+        """:meth:`attend` of one candidate token per row over its request's cached keys/values and
+        itself, run per request: q, k, v [N, H, 1, dh] (candidates); cache_k/v [R, H, T, dh];
+        bias [R, H, 1, T + 1] (the last column: the candidate's own key); mask [R, T]; n [R]
+        -> [N, 1, H*dh]. The cached history is read in place (one matmul per request over its
+        candidates, :func:`~qdrank.models.layers.request_slots`), never copied per candidate."""
+        scale, r = math.sqrt(self.head_dim), s.cand_req
+        qs = to_slots(q.squeeze(-2), s).transpose(1, 2)                          # [R, H, C, dh]
+        hist = torch.matmul(qs, cache_k.transpose(-1, -2)) / scale + bias[..., :-1]  # [R, H, C, T]
+        a = F.silu(hist) * (mask.to(hist.dtype) / n.to(hist.dtype).clamp_min(1.0)[:, None])[:, None, None]
+        out = from_slots(torch.matmul(a, cache_v).transpose(1, 2), s)            # [N, H, dh]
+        own = (q * k).sum(-1) / scale + bias[r, :, :, -1]                        # [N, H, 1]
+        out = out + F.silu(own) / n[r].to(own.dtype).clamp_min(1.0)[:, None, None] * v.squeeze(-2)
+        return out.flatten(-2).unsqueeze(-2)
+
     def output(self, x: torch.Tensor, u: torch.Tensor, av: torch.Tensor, group: int | torch.Tensor = 0
                ) -> torch.Tensor:
         return x + self.drop(self.f2(u * self.attn_norm(av, group)))
@@ -142,6 +161,7 @@ class HSTUStack(nn.Module):
         self.layers = nn.ModuleList(HSTULayer(dim, heads, head_dim, dropout, n_groups) for _ in range(layers))
         self.rab = nn.ModuleList(RelativeBias(heads, pos_buckets, time_buckets) for _ in range(layers))
         self.final_norm = GroupLayerNorm(dim, n_groups)
+        self.fast = True  # candidates: per-request attention (False: per-candidate gathered K/V)
 
     def pair_positions(self, pos_q, pos_k, static_q, static_k) -> torch.Tensor:
         """Relative position bucket of every (query, key) pair [..., Tq, Tk]."""
@@ -167,7 +187,33 @@ class HSTUStack(nn.Module):
 
     def candidates(self, cache: dict[str, torch.Tensor], x: torch.Tensor, cand_req: torch.Tensor,
                    group: int = 0) -> torch.Tensor:
-        """Candidate tokens x [N, d] of requests ``cand_req`` [N] -> final representations [N, d]."""
+        """Candidate tokens x [N, d] of requests ``cand_req`` [N] -> final representations [N, d].
+
+        Everything but the candidate's own token depends on its request only (positions, time
+        gaps, mask, length), so the attention bias is built once per request and the attention
+        runs per request (:meth:`HSTULayer.attend_candidates`); :meth:`candidates_reference`
+        (``fast = False``) gathers the request's keys and values per candidate instead."""
+        if not self.fast:
+            return self.candidates_reference(cache, x, cand_req, group)
+        pos_c = cache["n_seq"]                                         # [R]
+        static_k = cache["static"]
+        pos_k = torch.cat([cache["pos"], pos_c[:, None]], -1)         # [R, T+1]: the last key is the candidate
+        static_k = torch.cat([static_k, torch.zeros_like(static_k[:, :1])], -1)
+        time_k = torch.cat([cache["time"], torch.full_like(pos_c[:, None], CANDIDATE_TIME_BUCKET)], -1)
+        pos_idx = self.pair_positions(pos_c[:, None], pos_k, torch.zeros_like(static_k[:, :1]), static_k)
+        time_q = torch.full_like(pos_c[:, None], CANDIDATE_TIME_BUCKET)
+        s = request_slots(cand_req, pos_c.shape[0])
+        h = x.unsqueeze(-2)                                            # [N, 1, d]
+        for i, (layer, rab) in enumerate(zip(self.layers, self.rab)):
+            u, q, k, v = layer.project(h, group)                      # k, v [N, H, 1, dh]
+            av = layer.attend_candidates(q, k, v, cache[f"k{i}"], cache[f"v{i}"], rab(pos_idx, time_q, time_k),
+                                         cache["valid"], cache["n"], s)
+            h = layer.output(h, u, av, group)
+        return self.final_norm(h.squeeze(-2), group)
+
+    def candidates_reference(self, cache: dict[str, torch.Tensor], x: torch.Tensor, cand_req: torch.Tensor,
+                             group: int = 0) -> torch.Tensor:
+        """:meth:`candidates` with the request's keys/values gathered per candidate (one sequence each)."""
         r = cand_req
         pos_c = cache["n_seq"][r]                                      # [N]
         static_k = cache["static"][r]                                  # [N, T]

@@ -7,6 +7,7 @@ Written once here so model files hold only what makes each model different.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -225,40 +226,111 @@ class FeatureEmbedder(nn.Module):
         return x + c.sum(-2) if c.shape[-2] else x
 
 
+class RequestSlots(NamedTuple):
+    """Where each candidate sits in a request-major [R, C] grid (C = most candidates of a request).
+
+    Candidates of one request share its history, so work that reads the history per candidate
+    can run as one batched matmul per request over this grid instead of gathering the history
+    once per candidate. ``dense``: every request has C candidates, in order, so the grid is a view.
+    """
+
+    cand_req: torch.Tensor   # [N]
+    slot: torch.Tensor       # [N] position of the candidate among its request's candidates
+    n_requests: int
+    width: int               # C
+    dense: bool
+
+
+def request_slots(cand_req: torch.Tensor, n_requests: int) -> RequestSlots:
+    """The grid of ``cand_req`` [N] (any order; request-major batches make it a plain view)."""
+    n = cand_req.shape[0]
+    counts = torch.bincount(cand_req, minlength=n_requests)
+    width = int(counts.max()) if n else 0
+    ordered = n == 0 or bool((cand_req[1:] >= cand_req[:-1]).all())
+    order = torch.arange(n, device=cand_req.device) if ordered else torch.argsort(cand_req, stable=True)
+    start = torch.cumsum(counts, 0) - counts
+    slot = torch.empty_like(cand_req)
+    slot[order] = torch.arange(n, device=cand_req.device) - start[cand_req[order]]
+    return RequestSlots(cand_req, slot, n_requests, width, ordered and n == n_requests * width)
+
+
+def to_slots(x: torch.Tensor, s: RequestSlots) -> torch.Tensor:
+    """[N, ...] -> [R, C, ...]; empty slots hold zeros (their results are never read back)."""
+    if s.dense:
+        return x.view(s.n_requests, s.width, *x.shape[1:])
+    out = x.new_zeros(s.n_requests, s.width, *x.shape[1:])
+    return out.index_put((s.cand_req, s.slot), x)
+
+
+def from_slots(x: torch.Tensor, s: RequestSlots) -> torch.Tensor:
+    """[R, C, ...] -> [N, ...], the inverse of :func:`to_slots`."""
+    if s.dense:
+        return x.reshape(-1, *x.shape[2:])
+    return x[s.cand_req, s.slot]
+
+
 class TargetAttention(nn.Module):
     """DIN's activation unit: weight each key by an MLP of [q, k, q-k, q*k], no softmax.
 
-    The MLP's first layer is linear in its four blocks: ``W1 q + W2 k + W3 (q-k) + W4 (q*k) =
-    (W1 + W3) q + (W2 - W3) k + W4 (q*k)``. So the key part is computed once per request behaviour,
-    the query part once per candidate, and only ``W4 (q*k)`` per (candidate, behaviour) pair: the
-    same function as the concatenated form at a quarter of its first-layer cost.
+    Two forms of the same function. The reference (``fast = False``) builds the concatenated
+    [N, L, 4d] input per (candidate, behaviour). The fast form (default) uses that the MLP's first
+    layer is linear in its four blocks: ``W1 q + W2 k + W3 (q-k) + W4 (q*k) = (W1 + W3) q +
+    (W2 - W3) k + W4 (q*k)``: the key part once per request behaviour [R, L, h], the query part
+    once per candidate [N, h], and only ``W4 (q*k)`` per (candidate, behaviour), as one matmul over
+    the request-major grid (:func:`request_slots`), so the history is never copied per candidate.
     """
 
     def __init__(self, dim: int, hidden: tuple[int, ...] = (64, 32), softmax: bool = False):
         super().__init__()
         self.mlp = MLP(4 * dim, hidden, out_dim=1, act=nn.SiLU)
         self.softmax = softmax
+        self.fast = True
+
+    def _weights(self, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Scores [..., L] from the rest of the MLP, masked (or softmaxed over the valid keys)."""
+        for m in list(self.mlp)[1:]:
+            h = m(h)
+        w = h.squeeze(-1)
+        if self.softmax:
+            return w.masked_fill(~mask, float("-inf")).softmax(-1).nan_to_num(0.0)
+        return w * mask.to(w.dtype)
 
     def forward(self, q: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor,
                 cand_req: torch.Tensor | None = None) -> torch.Tensor:
         """q [N, d]; keys [R, L, d], mask [R, L] per request and ``cand_req`` [N] (None: keys and
         mask are already per candidate, R = N) -> [N, d]."""
-        first, *rest = list(self.mlp)
+        if not self.fast:
+            return self.forward_reference(q, keys, mask, cand_req)
+        if cand_req is None:
+            cand_req = torch.arange(q.shape[0], device=q.device)
+        s = request_slots(cand_req, keys.shape[0])
+        first = self.mlp[0]
         w1, w2, w3, w4 = first.weight.split(q.shape[-1], dim=1)
-        kh = F.linear(keys, w2 - w3)                                   # [R, L, h] once per request
+        kh = F.linear(keys, w2 - w3)                                          # [R, L, h]
+        qh = to_slots(F.linear(q, w1 + w3, first.bias), s)                    # [R, C, h]
+        qk = to_slots(q, s).unsqueeze(2) * keys.unsqueeze(1)                  # [R, C, L, d]
+        h = F.linear(qk, w4) + kh.unsqueeze(1) + qh.unsqueeze(2)
+        w = self._weights(h, mask.unsqueeze(1))                               # [R, C, L]
+        return from_slots(torch.bmm(w, keys), s)
+
+    def forward_reference(self, q: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor,
+                          cand_req: torch.Tensor | None = None) -> torch.Tensor:
+        """The paper's form: the MLP over the concatenated [q, k, q-k, q*k] of every pair."""
         if cand_req is not None:
-            keys, kh, mask = keys[cand_req], kh[cand_req], mask[cand_req]
-        qh = F.linear(q, w1 + w3, first.bias)                          # [N, h] once per candidate
-        # W4 (q * k) = k @ (W4 * q)^T: a batched matmul, fused with the sum, no [N, L, d] product
-        h = torch.baddbmm(kh + qh.unsqueeze(1), keys, (w4 * q.unsqueeze(1)).transpose(1, 2))
-        for m in rest:
-            h = m(h)
-        w = h.squeeze(-1)
-        if self.softmax:
-            w = w.masked_fill(~mask, float("-inf")).softmax(-1).nan_to_num(0.0)
-        else:
-            w = w * mask.to(w.dtype)
+            keys, mask = keys[cand_req], mask[cand_req]
+        qq = q.unsqueeze(1).expand_as(keys)
+        h = self.mlp[0](torch.cat([qq, keys, qq - keys, qq * keys], -1))
+        w = self._weights(h, mask)
         return torch.bmm(w.unsqueeze(1), keys).squeeze(1)
+
+
+def set_fast_layers(model: nn.Module, on: bool) -> None:
+    """Switch every layer with a fast and a reference form (a boolean ``fast`` attribute: target
+    attention, the HSTU stack...) to one or the other. The embedder keeps its own switch
+    (``model.emb.fast``), measured apart."""
+    for m in model.modules():
+        if not isinstance(m, FeatureEmbedder) and isinstance(getattr(m, "fast", None), bool):
+            m.fast = on
 
 
 #: hashed words/bigrams kept per categorical side value (``CrossFeatures``)
