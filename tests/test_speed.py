@@ -25,6 +25,7 @@ from qdrank.training.optim import (
     RowWiseAdam,
     build_optimizer,
     clip_grad_norm,
+    coalesce_rows,
 )
 from qdrank.training.prefetch import prefetch
 from qdrank.training.trainer import Trainer, build_model
@@ -252,6 +253,17 @@ def test_rowwise_adagrad_of_width_one_is_adagrad():
         ref_opt.step()
         _sparse_step(opt, table, torch.arange(5), g.clone())
     torch.testing.assert_close(table.detach(), ref.detach(), rtol=1e-6, atol=1e-7)
+
+
+def test_coalesce_rows_is_coalesce():
+    torch.manual_seed(0)
+    rows, vals = torch.tensor([7, 2, 7, 0, 2, 7]), torch.randn(6, 3)
+    g = torch.sparse_coo_tensor(rows[None], vals, (9, 3))
+    fast, ref = coalesce_rows(g), g.coalesce()
+    assert fast.is_coalesced() and torch.equal(fast.indices(), ref.indices())
+    torch.testing.assert_close(fast.values(), ref.values())
+    empty = torch.sparse_coo_tensor(torch.zeros(1, 0, dtype=torch.long), torch.zeros(0, 3), (9, 3))
+    assert coalesce_rows(empty)._nnz() == 0
 
 
 def test_clip_grad_norm_takes_sparse_grads():

@@ -45,6 +45,13 @@ def position_bucket(dist: torch.Tensor, n_buckets: int) -> torch.Tensor:
     return torch.where(d < exact, d, log_b).clamp(max=n_buckets - 1)
 
 
+def rows(table: nn.Embedding, idx: torch.Tensor) -> torch.Tensor:
+    """``table(idx)`` for a table without padding row, as ``index_select``: the same values and
+    gradient, but its backward (an index_add) is ~8x faster on CPU than the embedding backward
+    for a small table read at every (query, key) pair (measured: 1.8 vs 14.9 ms for 196k lookups)."""
+    return table.weight.index_select(0, idx.reshape(-1)).view(*idx.shape, table.weight.shape[-1])
+
+
 class GroupLayerNorm(nn.Module):
     """LayerNorm with separate affine parameters per token group (one group = plain LayerNorm).
 
@@ -84,7 +91,7 @@ class RelativeBias(nn.Module):
         """pos_idx [..., Tq, Tk] buckets, time_q [..., Tq], time_k [..., Tk] -> [..., H, Tq, Tk]."""
         tq = time_q.clamp(0, self.n_time - 1).unsqueeze(-1)
         tk = time_k.clamp(0, self.n_time - 1).unsqueeze(-2)
-        b = self.pos(pos_idx) + self.time(tq * self.n_time + tk)
+        b = rows(self.pos, pos_idx) + rows(self.time, tq * self.n_time + tk)
         return b.movedim(b.dim() - 1, b.dim() - 3)      # positive dims: ONNX export rejects negative perms
 
 

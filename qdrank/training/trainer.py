@@ -26,7 +26,7 @@ from qdrank.evaluation.evaluate import evaluate, format_families, selection_metr
 from qdrank.models.base import RankModel
 from qdrank.models.registry import model_class
 from qdrank.training import checkpoint as ckpt
-from qdrank.training.optim import build_optimizer, clip_grad_norm
+from qdrank.training.optim import build_optimizer, clip_grad_norm, coalesce_rows
 from qdrank.training.prefetch import prefetch
 from qdrank.utils.io import to_jsonable
 from qdrank.utils.runtime import init_distributed, resolve_device, seed_everything
@@ -86,7 +86,7 @@ def add_embedding_l2(params: list[torch.nn.Parameter], l2: float) -> None:
         if g is None:
             continue
         if g.is_sparse:
-            g = g.coalesce()
+            g = coalesce_rows(g)
             rows = g.indices()[0]
             p.grad = torch.sparse_coo_tensor(g.indices(), g.values() + l2 * p.detach()[rows], g.shape,
                                              is_coalesced=True, check_invariants=False)
