@@ -38,6 +38,22 @@ class MLP(nn.Sequential):
         self.out_dim = out_dim if out_dim is not None else d
 
 
+class _Rows(torch.autograd.Function):
+    """``table[rows]`` for sorted distinct ``rows`` whose gradient is a coalesced row-sparse
+    tensor of those rows (what ``nn.Embedding(sparse=True)`` gives, without a row per lookup)."""
+
+    @staticmethod
+    def forward(ctx, table: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(rows)
+        ctx.shape = table.shape
+        return table.index_select(0, rows)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (rows,) = ctx.saved_tensors
+        return torch.sparse_coo_tensor(rows[None], grad, ctx.shape, is_coalesced=True, check_invariants=False), None
+
+
 class FeatureEmbedder(nn.Module):
     """Turns the id/dense tensors of a :class:`Batch` into vectors of width ``dim``.
 
@@ -105,12 +121,20 @@ class FeatureEmbedder(nn.Module):
         """``sum_k weights[..., k] * table[ids[..., k]]`` -> [..., dim], one fused EmbeddingBag.
 
         No ``padding_idx``: padding carries weight 0, so row 0 gets an exact zero gradient, and
-        the backward pass skips the padding bookkeeping (measured faster on CPU)."""
+        the backward pass skips the padding bookkeeping (measured faster on CPU). With a
+        row-sparse gradient the bag reads a compact copy of the rows it uses (:class:`_Rows`), so
+        its gradient has one row per distinct id instead of one per looked-up slot: at history
+        1,000 that is ~5k rows instead of ~280k, which autograd would otherwise zero-fill, copy at
+        every accumulation and coalesce."""
         lead, k = ids.shape[:-1], ids.shape[-1]
         if k == 0:
             return self.table.weight.new_zeros(*lead, self.dim)
-        out = F.embedding_bag(ids.reshape(-1, k), self.table.weight, mode="sum", sparse=self.sparse_grad,
-                              per_sample_weights=weights.reshape(-1, k))
+        ids, weights = ids.reshape(-1, k), weights.reshape(-1, k)
+        if self.sparse_grad:
+            rows, local = torch.unique(ids, return_inverse=True)
+            out = F.embedding_bag(local, _Rows.apply(self.table.weight, rows), mode="sum", per_sample_weights=weights)
+        else:
+            out = F.embedding_bag(ids, self.table.weight, mode="sum", per_sample_weights=weights)
         return out.view(*lead, self.dim)
 
     def _pooled(self, role: str, ids: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
