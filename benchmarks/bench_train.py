@@ -16,8 +16,9 @@ figures are machine-dependent.
 
 Switches (reference value -> fast value):
   fused     ``model.emb.fast``: unique items once per batch + fused EmbeddingBags (False -> True)
-  layers    ``set_fast_layers``: per-request rewrites of DIN's target attention and the HSTU/MTGR
-            candidate attention (reference forms -> fast forms; the same function, tests/test_speed.py)
+  layers    ``set_fast_layers``: per-request rewrites of DIN's target attention, the HSTU/MTGR
+            candidate attention and SIM/TWIN's GSU scores (reference forms -> fast forms; the same
+            function, tests/test_speed.py)
   sparse    ``train.embedding_optimizer``: dense Adam -> row-wise lazy Adam on row-sparse grads
   prefetch  ``train.prefetch``: 0 -> 2 batches built ahead in a thread
   bf16      ``train.autocast``: none -> bf16 (measured, off by default)

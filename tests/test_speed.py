@@ -14,6 +14,7 @@ from qdrank.models.layers import (
     FeatureEmbedder,
     TargetAttention,
     from_slots,
+    request_bmm,
     request_slots,
     set_fast_layers,
     to_slots,
@@ -135,6 +136,20 @@ def test_request_slots_round_trip():
     assert d.dense and to_slots(x4, d).data_ptr() == x4.data_ptr()
 
 
+def test_request_bmm_is_bmm_of_gathered_rows():
+    torch.manual_seed(0)
+    cand_req = torch.tensor([1, 1, 0, 3, 1])  # uneven, unordered, request 2 without candidates
+    a0, b0 = torch.randn(5, 2, 3, dtype=torch.float64), torch.randn(4, 3, 6, dtype=torch.float64)
+    res = []
+    for per_request in (False, True):
+        a, b = a0.clone().requires_grad_(), b0.clone().requires_grad_()
+        out = request_bmm(a, b, cand_req, per_request)
+        (out * out).sum().backward()
+        res.append((out.detach(), a.grad, b.grad))
+    for x, y in zip(*res):
+        torch.testing.assert_close(y, x, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("softmax", [False, True])
 @pytest.mark.parametrize("layout", ["per_request", "uneven", "per_candidate"])
 def test_target_attention_decomposition_is_the_concatenated_mlp(softmax, layout):
@@ -164,7 +179,7 @@ def test_target_attention_decomposition_is_the_concatenated_mlp(softmax, layout)
 
 
 # the models with a layer that has a fast and a reference form (checked complete below)
-LAYER_MODELS = ["din", "hstu", "mtgr"]
+LAYER_MODELS = ["din", "hstu", "mtgr", "sim", "twin", "eta"]
 
 
 def test_layer_models_list_is_complete(tiny_dataset):

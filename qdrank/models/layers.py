@@ -293,6 +293,19 @@ def from_slots(x: torch.Tensor, s: RequestSlots) -> torch.Tensor:
     return x[s.cand_req, s.slot]
 
 
+def request_bmm(a: torch.Tensor, b: torch.Tensor, cand_req: torch.Tensor, per_request: bool = True) -> torch.Tensor:
+    """``torch.bmm(a, b[cand_req])``: a [N, m, k] per candidate, b [R, k, n] per request -> [N, m, n].
+
+    ``per_request`` runs it as one matmul per request over its candidates (:func:`request_slots`),
+    without copying ``b`` per candidate (nor scattering its gradient back); False: the literal form."""
+    if not per_request:
+        return torch.bmm(a, b[cand_req])
+    s = request_slots(cand_req, b.shape[0])
+    grid = to_slots(a, s)                                                   # [R, C, m, k]
+    out = torch.bmm(grid.flatten(1, 2), b).view(*grid.shape[:3], b.shape[-1])
+    return from_slots(out, s)
+
+
 class TargetAttention(nn.Module):
     """DIN's activation unit: weight each key by an MLP of [q, k, q-k, q*k], no softmax.
 
@@ -350,7 +363,7 @@ class TargetAttention(nn.Module):
 
 def set_fast_layers(model: nn.Module, on: bool) -> None:
     """Switch every layer with a fast and a reference form (a boolean ``fast`` attribute: target
-    attention, the HSTU stack...) to one or the other. The embedder keeps its own switch
+    attention, the HSTU stack, SIM's GSU...) to one or the other. The embedder keeps its own switch
     (``model.emb.fast``), measured apart."""
     for m in model.modules():
         if not isinstance(m, FeatureEmbedder) and isinstance(getattr(m, "fast", None), bool):

@@ -39,7 +39,7 @@ from qdrank.config import ModelConfig
 from qdrank.data.batch import Batch
 from qdrank.data.features import FeatureMap
 from qdrank.models.base import RankModel, RequestState
-from qdrank.models.layers import MLP, masked_mean
+from qdrank.models.layers import MLP, masked_mean, request_bmm
 from qdrank.models.transformer import MultiHeadTargetAttention, gather_tokens, masked_softmax, masked_topk
 
 GSU_MODES = ("soft", "hard")
@@ -68,6 +68,8 @@ class SIM(RankModel):
         if cfg.topk < 1:
             raise ValueError(f"model.topk must be >= 1, got {cfg.topk}")
         self.esu = MultiHeadTargetAttention(cfg.dim, cfg.heads, cfg.dropout)
+        # GSU scores and the aux pooling as one matmul per request (False: history gathered per candidate)
+        self.fast = True
         self.build_gsu(fmap, cfg)
         self.build_head(n_request_vectors=1, n_candidate_vectors=1, interest=True)
 
@@ -114,7 +116,7 @@ class SIM(RankModel):
             same = eq.any(-1).any(-1)
             return same.to(c.dtype), valid & same
         cq = self.gsu_cand(c)
-        scores = torch.bmm(state["gsu_keys"][r], cq.unsqueeze(-1)).squeeze(-1)
+        scores = request_bmm(cq.unsqueeze(1), state["gsu_keys"].transpose(1, 2), r, self.fast).squeeze(1)
         return scores, valid
 
     def select(self, state: RequestState, batch: Batch, c: torch.Tensor):
@@ -146,8 +148,7 @@ class SIM(RankModel):
 
     def _aux_loss(self, state: RequestState, batch: Batch, c: torch.Tensor, scores: torch.Tensor):
         """Soft GSU training signal: CTR from the GSU-score weighted sum of the whole history."""
-        r = batch.cand_req
-        w = masked_softmax(scores, state["mask"][r])
-        u = torch.bmm(w.unsqueeze(1), state["tokens"][r]).squeeze(1)
+        w = masked_softmax(scores, state["mask"][batch.cand_req])
+        u = request_bmm(w.unsqueeze(1), state["tokens"], batch.cand_req, self.fast).squeeze(1)
         logit = self.aux_head(torch.cat([u, c, u * c], -1)).squeeze(-1)
         return F.binary_cross_entropy_with_logits(logit, batch.click)

@@ -15,6 +15,7 @@ import torch
 from qdrank.data.batch import Batch
 from qdrank.data.features import FeatureMap
 from qdrank.models.base import RequestState
+from qdrank.models.layers import request_bmm
 from qdrank.models.sim import SIM, SIMConfig
 
 
@@ -33,5 +34,6 @@ class TWIN(SIM):
         attn = self.esu.attn
         q = attn.q(c)                                                             # [N, d]
         scale = (q.shape[-1] // attn.heads) ** 0.5
-        scores = torch.bmm(state["gsu_keys"][r], q.unsqueeze(-1)).squeeze(-1) / (scale * attn.heads)
+        scores = request_bmm(q.unsqueeze(1), state["gsu_keys"].transpose(1, 2), r, self.fast).squeeze(1) \
+            / (scale * attn.heads)
         return scores, state["mask"][r]
