@@ -141,9 +141,9 @@ def test_request_bmm_is_bmm_of_gathered_rows():
     cand_req = torch.tensor([1, 1, 0, 3, 1])  # uneven, unordered, request 2 without candidates
     a0, b0 = torch.randn(5, 2, 3, dtype=torch.float64), torch.randn(4, 3, 6, dtype=torch.float64)
     res = []
-    for per_request in (False, True):
+    for fast in (False, True):
         a, b = a0.clone().requires_grad_(), b0.clone().requires_grad_()
-        out = request_bmm(a, b, cand_req, per_request)
+        out = request_bmm(a, b, cand_req, fast)
         (out * out).sum().backward()
         res.append((out.detach(), a.grad, b.grad))
     for x, y in zip(*res):

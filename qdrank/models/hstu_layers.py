@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qdrank.models.layers import RequestSlots, from_slots, request_slots, to_slots
+from qdrank.models.layers import RequestSlots, from_slots, per_request, request_slots, to_slots
 
 #: time-gap bucket of a candidate: the request happens "now", gap 0 -> 1 + floor(log2(1 + 0)) = 1
 CANDIDATE_TIME_BUCKET = 1
@@ -200,7 +200,7 @@ class HSTUStack(nn.Module):
         gaps, mask, length), so the attention bias is built once per request and the attention
         runs per request (:meth:`HSTULayer.attend_candidates`); :meth:`candidates_reference`
         (``fast = False``) gathers the request's keys and values per candidate instead."""
-        if not self.fast:
+        if not per_request(self.fast):
             return self.candidates_reference(cache, x, cand_req, group)
         pos_c = cache["n_seq"]                                         # [R]
         static_k = cache["static"]

@@ -265,6 +265,13 @@ class RequestSlots(NamedTuple):
     dense: bool
 
 
+def per_request(fast: bool) -> bool:
+    """Whether to take a per-request fast path: ``fast`` and not under a trace (an export). The grid's
+    width and layout are read from the batch as Python numbers, which a trace would freeze at the
+    example's candidate count; the reference forms have no such number."""
+    return fast and not torch.jit.is_tracing()
+
+
 def request_slots(cand_req: torch.Tensor, n_requests: int) -> RequestSlots:
     """The grid of ``cand_req`` [N] (any order; request-major batches make it a plain view)."""
     n = cand_req.shape[0]
@@ -293,12 +300,12 @@ def from_slots(x: torch.Tensor, s: RequestSlots) -> torch.Tensor:
     return x[s.cand_req, s.slot]
 
 
-def request_bmm(a: torch.Tensor, b: torch.Tensor, cand_req: torch.Tensor, per_request: bool = True) -> torch.Tensor:
+def request_bmm(a: torch.Tensor, b: torch.Tensor, cand_req: torch.Tensor, fast: bool = True) -> torch.Tensor:
     """``torch.bmm(a, b[cand_req])``: a [N, m, k] per candidate, b [R, k, n] per request -> [N, m, n].
 
-    ``per_request`` runs it as one matmul per request over its candidates (:func:`request_slots`),
-    without copying ``b`` per candidate (nor scattering its gradient back); False: the literal form."""
-    if not per_request:
+    ``fast`` runs it as one matmul per request over its candidates (:func:`request_slots`), without
+    copying ``b`` per candidate (nor scattering its gradient back); False: the literal form."""
+    if not per_request(fast):
         return torch.bmm(a, b[cand_req])
     s = request_slots(cand_req, b.shape[0])
     grid = to_slots(a, s)                                                   # [R, C, m, k]
@@ -336,7 +343,7 @@ class TargetAttention(nn.Module):
                 cand_req: torch.Tensor | None = None) -> torch.Tensor:
         """q [N, d]; keys [R, L, d], mask [R, L] per request and ``cand_req`` [N] (None: keys and
         mask are already per candidate, R = N) -> [N, d]."""
-        if not self.fast:
+        if not per_request(self.fast):
             return self.forward_reference(q, keys, mask, cand_req)
         if cand_req is None:
             cand_req = torch.arange(q.shape[0], device=q.device)
