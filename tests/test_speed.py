@@ -359,11 +359,10 @@ def test_prefetch_raises_producer_errors_and_stops_early():
 
 
 # ---- metrics hold ---------------------------------------------------------------------------
-# This run's test GAUC over seeds 0-3 (reference path, with main's cross_history columns):
-# 0.550, 0.561, 0.605, 0.551 (std 0.026); fast minus reference per seed: +0.002, -0.002, -0.001,
-# -0.003. The tolerance is below the spread; the floor (learned something) below its lowest seed.
+# This run's test GAUC over seeds 0-3 (reference path, 6 epochs): 0.660, 0.635, 0.664, 0.650 (std
+# 0.013); fast minus reference per seed: -0.005, -0.007, -0.004, +0.002. The tolerance is above
+# those differences and about the seeds' range (0.029).
 GAUC_TOLERANCE = 0.02
-GAUC_FLOOR = 0.53
 
 
 def test_fast_path_keeps_test_gauc(tiny_dataset, tmp_path):
@@ -379,5 +378,5 @@ def test_fast_path_keeps_test_gauc(tiny_dataset, tmp_path):
                      ds, tmp_path / path, log=lambda m: None)
         tr.model.emb.fast = path == "fast"
         res[path] = tr.fit()["test"]["serving_ctr_gauc"]
-    assert res["reference"] > GAUC_FLOOR, res
+    assert res["reference"] > 0.55, res
     assert abs(res["fast"] - res["reference"]) <= GAUC_TOLERANCE, res
