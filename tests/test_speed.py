@@ -97,19 +97,26 @@ def test_fast_embedding_computes_the_reference_function(tiny_dataset, name):
     """Every model: fused embedding and fast layers == reference path (logits and every gradient),
     dropout off."""
     _, ds = tiny_dataset
-    model = build_model(tiny_config(name, "model.dropout=0"), ds)
+    def switch(model, fast):
+        model.emb.fast = fast
+        set_fast_layers(model, fast)
+
+    _assert_switch_keeps_function(build_model(tiny_config(name, "model.dropout=0"), ds), ds, switch)
+
+
+def _assert_switch_keeps_function(model, ds, switch) -> None:
+    """``switch(model, False)`` and ``switch(model, True)`` give the same logits and every gradient."""
     model.train()
     b = _batch(ds, model)
     outs = []
     for fast in (False, True):
-        model.emb.fast = fast
-        set_fast_layers(model, fast)
+        switch(model, fast)
         model.zero_grad()
         torch.manual_seed(0)  # models that draw noise in training (DiffusionGS) draw the same
         out = model(b)
         model.loss(b, out)[0].backward()
         outs.append((out.ctr_logit.detach(), _grads(model)))
-    torch.testing.assert_close(outs[0][0], outs[1][0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(outs[1][0], outs[0][0], rtol=1e-5, atol=1e-5)
     scale = max(g.abs().max() for g in outs[0][1].values())
     for k, g in outs[0][1].items():
         torch.testing.assert_close(outs[1][1][k], g, rtol=1e-4, atol=1e-6 * float(scale), msg=k)
@@ -193,21 +200,7 @@ def test_fast_layers_compute_the_reference_function(tiny_dataset, name):
     """Every model with a per-request layer rewrite (target attention, HSTU candidates...): the
     fast layers == the reference layers, logits and every gradient, dropout off."""
     _, ds = tiny_dataset
-    model = build_model(tiny_config(name, "model.dropout=0"), ds)
-    model.train()
-    b = _batch(ds, model)
-    outs = []
-    for fast in (False, True):
-        set_fast_layers(model, fast)
-        model.zero_grad()
-        torch.manual_seed(0)
-        out = model(b)
-        model.loss(b, out)[0].backward()
-        outs.append((out.ctr_logit.detach(), _grads(model)))
-    torch.testing.assert_close(outs[1][0], outs[0][0], rtol=1e-5, atol=1e-5)
-    scale = max(g.abs().max() for g in outs[0][1].values())
-    for k, g in outs[0][1].items():
-        torch.testing.assert_close(outs[1][1][k], g, rtol=1e-4, atol=1e-6 * float(scale), msg=k)
+    _assert_switch_keeps_function(build_model(tiny_config(name, "model.dropout=0"), ds), ds, set_fast_layers)
 
 
 # ---- row-wise sparse optimizers --------------------------------------------------------------

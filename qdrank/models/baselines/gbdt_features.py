@@ -43,6 +43,7 @@ from qdrank.models.baselines.common import (
 from qdrank.models.baselines.history_match import HistoryMatcher
 from qdrank.models.baselines.popularity import ItemPopularity
 from qdrank.models.baselines.text_match import TextOverlap
+from qdrank.models.layers import history_feature_match, history_item_match
 
 MAX_ACTIONS_SPLIT = 8     # more action types than this: history counts over all actions only
 AFFINITY_PRIOR = 10.0     # pseudo-clicks pulling a rare query token's category shares to the average
@@ -214,7 +215,7 @@ class GBDTFeatures(FittedBuffers):
                  self.affinity.score(batch, item_sparse),
                  self.pop.logit(items).float(), torch.log1p(self.pop.shown[items]).float()]
         weights = self.hist.weighted(batch)
-        item_m = self.hist.item_match(batch)
+        item_m = history_item_match(batch)
         cols.append((weights * item_m).sum(-1))
         actions = None
         if self.split_actions:
@@ -222,7 +223,7 @@ class GBDTFeatures(FittedBuffers):
             actions = torch.nn.functional.one_hot(a, self.hist.n_actions + 1)[..., 1:].float()
         cols += self._counts(item_m, actions)
         for _, s, w in self.hist.features:
-            cols += self._counts(self.hist.feature_match(batch, item_sparse, s, w), actions)
+            cols += self._counts(history_feature_match(batch, item_sparse, s, w), actions)
         if not cols:
             return torch.zeros(n, 0)
         return torch.stack([c.float() for c in cols], -1)

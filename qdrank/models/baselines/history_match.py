@@ -33,7 +33,8 @@ class HistoryMatchConfig(ModelConfig):
 
 
 class HistoryMatcher(FittedBuffers):
-    """Matches of each candidate against each history behaviour, by item and by item feature.
+    """Action weights and recency for history matches (the matches themselves are the shared
+    ``history_item_match`` / ``history_feature_match`` of ``qdrank.models.layers``).
 
     ``features`` are the item's categorical/list side features (category, brand, genres...); a list
     feature matches when the two items share any value.
@@ -61,16 +62,6 @@ class HistoryMatcher(FittedBuffers):
         """[R, L] decay ** (number of later behaviours), 0 on padding."""
         return history_recency(batch, self.decay)
 
-    @staticmethod
-    def item_match(batch: Batch) -> torch.Tensor:
-        """[N, L] the behaviour's item is the candidate (known items only)."""
-        return history_item_match(batch)
-
-    @staticmethod
-    def feature_match(batch: Batch, item_sparse: torch.Tensor, start: int, width: int) -> torch.Tensor:
-        """[N, L] the behaviour's item shares a value of the feature at slots [start, start+width)."""
-        return history_feature_match(batch, item_sparse, start, width)
-
     def fit(self, batches) -> None:
         """Action weights from training batches: click rate of candidates met before with action a,
         over the overall click rate (shrunk towards 1 for rare actions)."""
@@ -80,7 +71,7 @@ class HistoryMatcher(FittedBuffers):
         seen = np.zeros(self.n_actions + 1)
         total_c = total_n = 0.0
         for b, _ in batches:
-            m = self.item_match(b)
+            m = history_item_match(b)
             a = self.actions(b)[b.cand_req]
             onehot = torch.zeros(m.shape[0], self.n_actions + 1, device=m.device)
             onehot.scatter_add_(1, torch.where(m, a, torch.zeros_like(a)), m.float())
@@ -114,9 +105,9 @@ class HistoryMatch(Baseline):
             self.matcher.fit(self.batches(ds, "train"))
 
     def candidate_scores(self, batch: Batch) -> torch.Tensor:
-        m = self.cfg.item_weight * self.matcher.item_match(batch).float()
+        m = self.cfg.item_weight * history_item_match(batch).float()
         if self.category is not None:
-            m = m + self.cfg.category_weight * self.matcher.feature_match(batch, self.emb.item_sparse,
+            m = m + self.cfg.category_weight * history_feature_match(batch, self.emb.item_sparse,
                                                                           *self.category).float()
         return (self.matcher.weighted(batch) * m).sum(-1)
 
