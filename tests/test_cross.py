@@ -104,14 +104,17 @@ def reference_overlap(model: RankModel, b) -> torch.Tensor:
 def reference_history_match(model: RankModel, b) -> torch.Tensor:
     """[N, n_history] by plain Python: per candidate, for its item then each item side feature, log1p of
     the number of earlier behaviours with the same value over log1p(50), and the share of the weights
-    0.9 ** (later behaviours) on those behaviours."""
+    0.9 ** (later behaviours) on those behaviours; then the same log-scaled count per action type."""
     fmap, item_sparse = model.fmap, model.emb.item_sparse
     feats = [(s, w) for f, s, w in fmap.slot_layout("item") if f.type in ("categorical", "list") and f.name != "item_id"]
+    act = fmap.features["action"]
+    slot = next(s for f, s, _ in fmap.slot_layout("behavior") if f.name == "action")
     out = []
     for n in range(b.cand_item.shape[0]):
         r, item = int(b.cand_req[n]), int(b.cand_item[n])
         length = int(b.hist_len[r])
         hist = [int(x) for x in b.hist_item[r, :length]]
+        action = [act.vocab[int(a) - act.offset - 1] for a in b.hist_sparse[r, :length, slot]]
         row = []
         tests = [lambda h, item=item: item > 1 and h == item]
         for s, w in feats:
@@ -121,6 +124,8 @@ def reference_history_match(model: RankModel, b) -> torch.Tensor:
         for hit in tests:
             ages = [length - 1 - j for j, h in enumerate(hist) if hit(h)]
             row += [math.log1p(len(ages)) / math.log1p(50), sum(0.9 ** a for a in ages) / total]
+            row += [math.log1p(sum(hit(h) and a == name for h, a in zip(hist, action))) / math.log1p(50)
+                    for name in act.vocab]
         out.append(row)
     return torch.tensor(out)
 
@@ -136,7 +141,8 @@ def test_cross_block_in_head_input_iff_model_cross(name, tiny_dataset, batch):
         x_off = off.head_input(off.encode_request(batch), batch)
     d = on.cfg.dim
     width = 2 * d + 4 + on.cross_features.n_history
-    assert on.cross_features.n_history == 2 * (1 + len(on.cross_features.history_slots)) > 2
+    n_actions = len(ds.fmap.features["action"].vocab)
+    assert on.cross_features.n_history == (2 + n_actions) * (1 + len(on.cross_features.history_slots)) > 2
     assert "cross" in on.head_layout() and "cross" not in off.head_layout()
     assert x_on.shape[1] == x_off.shape[1] + width == on.head.trunk[0].in_features
     assert x_off.shape[1] == off.head.trunk[0].in_features
@@ -153,7 +159,7 @@ def test_cross_block_in_head_input_iff_model_cross(name, tiny_dataset, batch):
     torch.testing.assert_close(cross[:, 2 * d:2 * d + 4], ref, atol=1e-6, rtol=0)
     hist = reference_history_match(on, batch)
     torch.testing.assert_close(cross[:, 2 * d + 4:], hist, atol=1e-5, rtol=1e-5)
-    assert hist[:, 0].max() > 0 and hist[:, 2].max() > 0  # repeats of an item and of a side value occur
+    assert hist[:, 0].max() > 0 and hist[:, 2 + n_actions].max() > 0  # repeats of an item and of a side value occur
     assert ref[:, 0].max() > 0 and ref[:, 2].max() > 0   # the test batch has text and side matches
     # both request parts are the same inputs: everything but the cross block is identical
     torch.testing.assert_close(x_on[:, :x_off.shape[1]], x_off, atol=1e-6, rtol=0)

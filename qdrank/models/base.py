@@ -33,6 +33,27 @@ class ModelOutput:
     aux_loss: torch.Tensor | None = None
 
 
+def request_softmax_loss(logit: torch.Tensor, label: torch.Tensor, cand_req: torch.Tensor,
+                         n_requests: int) -> torch.Tensor:
+    """Listwise (ListNet-style) loss: per request, the cross-entropy between its clicks spread evenly
+    and the softmax of its candidates' logits; the mean over requests with at least one click.
+
+    logit, label [N]; ``cand_req`` [N] the request row of each candidate. A request without a click
+    says nothing about its order and is left out; one with every candidate clicked costs a constant.
+    """
+    logit = logit.float()
+    ninf = torch.full((n_requests,), float("-inf"), device=logit.device)
+    top = ninf.scatter_reduce(0, cand_req, logit.detach(), "amax", include_self=True)
+    z = torch.zeros(n_requests, device=logit.device).index_add(0, cand_req, torch.exp(logit - top[cand_req]))
+    log_p = logit - top[cand_req] - torch.log(z)[cand_req]                     # log softmax in the request
+    clicks = torch.zeros(n_requests, device=logit.device).index_add(0, cand_req, label)
+    ce = torch.zeros(n_requests, device=logit.device).index_add(0, cand_req, -label * log_p)
+    has = clicks > 0
+    if not bool(has.any()):
+        return logit.sum() * 0.0
+    return (ce[has] / clicks[has]).mean()
+
+
 class RankModel(nn.Module):
     """Base ranker: owns the feature embedder, the position tower, the cross features, the head and
     the loss.
@@ -235,15 +256,23 @@ class RankModel(nn.Module):
             ctr = ctr + self.position(batch.position)
         return ModelOutput(ctr, cvr, state.get("aux_loss"))
 
-    def loss(self, batch: Batch, out: ModelOutput, cvr_weight: float = 1.0) -> tuple[torch.Tensor, dict]:
-        """BCE on clicks + cvr_weight * BCE on purchases of clicked impressions (+ model aux loss).
+    def loss(self, batch: Batch, out: ModelOutput, cvr_weight: float = 1.0,
+             listwise_weight: float = 0.0) -> tuple[torch.Tensor, dict]:
+        """BCE on clicks + listwise_weight * in-request softmax loss on clicks + cvr_weight * BCE on
+        purchases of clicked impressions (+ model aux loss).
 
         CVR is post-click conversion: trained and evaluated on clicked impressions whose purchase
-        is known (not ESMM); see README "CTR and CVR".
+        is known (not ESMM); see README "CTR and CVR". The listwise term (:func:`request_softmax_loss`)
+        trains the order *within* a request, which is what GAUC and a live ranking measure; BCE
+        alone also spends capacity on differences between requests.
         """
         ctr = F.binary_cross_entropy_with_logits(out.ctr_logit, batch.click)
         total = ctr
         parts = {"ctr_bce": float(ctr.detach())}
+        if listwise_weight > 0:
+            lw = request_softmax_loss(out.ctr_logit, batch.click, batch.cand_req, batch.n_requests)
+            total = total + listwise_weight * lw
+            parts["listwise"] = float(lw.detach())
         m = (batch.click > 0) & (batch.purchase >= 0)
         if cvr_weight > 0 and bool(m.any()):
             cvr = F.binary_cross_entropy_with_logits(out.cvr_logit[m], batch.purchase[m])

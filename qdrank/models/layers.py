@@ -384,6 +384,7 @@ MAX_SIDE_VOCAB = 100_000
 
 
 HISTORY_DECAY = 0.9  # weight of a behaviour in the recency-weighted match: decay ** (later behaviours)
+MAX_ACTIONS_SPLIT = 8  # more behaviour action types than this: history-match counts over all actions only
 HISTORY_COUNT_SCALE = math.log1p(50)  # count column = log1p(hits) / this (1 = every behaviour of a default
 #                                       50-behaviour window hits)
 
@@ -428,9 +429,11 @@ class CrossFeatures(nn.Module):
     *history matches* (``history=True``, ``model.cross_history``): for the candidate's item, then
     for each of its categorical side features (category, brand...), how often the user's earlier
     behaviours hit the same value (``log1p(count) / log1p(50)``) and how recently (the share of the
-    weights ``HISTORY_DECAY ** later behaviours`` that falls on hits); both in [0, 1]. A pooled history ``h`` blurs an exact
-    repeat; these columns carry it, as the ``history_match`` and ``gbdt`` baselines see it, so every
-    neural model gets the same evidence as the baselines it is compared with.
+    weights ``HISTORY_DECAY ** later behaviours`` that falls on hits); both in [0, 1]; then, when the
+    behaviours have an ``action`` feature with at most ``MAX_ACTIONS_SPLIT`` types, the count per
+    action type (click, cart, purchase...). A pooled history ``h`` blurs an exact repeat; these
+    columns carry it, as the ``history_match`` and ``gbdt`` baselines see it, so every neural model
+    gets the same evidence as the baselines it is compared with.
     """
 
     N_OVERLAP = 4
@@ -440,7 +443,13 @@ class CrossFeatures(nn.Module):
         super().__init__()
         self.history_slots = ([(s, w) for f, s, w in fmap.slot_layout("item") if f.type in ("categorical", "list")
                                and f.name != "item_id" and len(f.vocab) <= MAX_SIDE_VOCAB] if history else [])
-        self.n_history = 2 * (1 + len(self.history_slots)) if history else 0
+        # per action type (click, cart, purchase...): a purchase of the same brand says more than an impression
+        act = fmap.features.get("action")
+        self.action_slot = next((s for f, s, _ in fmap.slot_layout("behavior") if f.name == "action"), None)
+        n_act = len(act.vocab) if history and act is not None and self.action_slot is not None else 0
+        self.n_actions = n_act if n_act <= MAX_ACTIONS_SPLIT else 0
+        self.action_offset = act.offset if act is not None else 0
+        self.n_history = (2 + self.n_actions) * (1 + len(self.history_slots)) if history else 0
         self.width = 2 * dim + self.N_OVERLAP + self.n_history
         tables = [np.zeros((1, SIDE_VALUE_TOKENS), dtype=np.int64)]     # row 0: missing value
         n_rows = 1
@@ -495,11 +504,20 @@ class CrossFeatures(nn.Module):
         total = recency.sum(-1).clamp_min(1e-6)
         matches = [history_item_match(batch), *(history_feature_match(batch, item_sparse, s, w)
                                                 for s, w in self.history_slots)]
+        actions = self.action_onehot(batch)[batch.cand_req] if self.n_actions else None  # [N, L, A]
         cols = []
         for m in matches:
             m = m.float()
             cols += [torch.log1p(m.sum(-1)) / count_scale, (m * recency).sum(-1) / total]
+            if actions is not None:
+                cols += list((torch.log1p(torch.bmm(m.unsqueeze(1), actions).squeeze(1)) / count_scale).unbind(-1))
         return torch.stack(cols, -1)
+
+    def action_onehot(self, batch: Batch) -> torch.Tensor:
+        """[R, L, n_actions] one-hot of each behaviour's action type (all 0 for padding / an unknown action)."""
+        a = batch.hist_sparse[..., self.action_slot] - self.action_offset
+        hit = (a.unsqueeze(-1) == torch.arange(1, self.n_actions + 1, device=a.device)) & batch.hist_mask.unsqueeze(-1)
+        return hit.float()
 
     def forward(self, c: torch.Tensor, q: torch.Tensor, h: torch.Tensor, overlap: torch.Tensor,
                 history: torch.Tensor | None = None) -> torch.Tensor:

@@ -121,7 +121,7 @@ class TrainStep:
         dtype = AUTOCAST[self.t.autocast]
         with torch.autocast(self.device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
             out = self.forward(b)
-            loss, _ = self.model.loss(b, out, self.t.cvr_weight)
+            loss, _ = self.model.loss(b, out, self.t.cvr_weight, self.t.listwise_weight)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.emb_params:

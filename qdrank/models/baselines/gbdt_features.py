@@ -43,9 +43,8 @@ from qdrank.models.baselines.common import (
 from qdrank.models.baselines.history_match import HistoryMatcher
 from qdrank.models.baselines.popularity import ItemPopularity
 from qdrank.models.baselines.text_match import TextOverlap
-from qdrank.models.layers import history_feature_match, history_item_match
+from qdrank.models.layers import MAX_ACTIONS_SPLIT, history_feature_match, history_item_match
 
-MAX_ACTIONS_SPLIT = 8     # more action types than this: history counts over all actions only
 AFFINITY_PRIOR = 10.0     # pseudo-clicks pulling a rare query token's category shares to the average
 
 
