@@ -42,7 +42,7 @@ class TrainConfig:
     patience: int = 2              # early stopping on validation serving CTR GAUC
     seed: int = 0
     cvr_weight: float = 1.0
-    listwise_weight: float = 1.0   # weight of the in-request softmax loss beside BCE (RankModel.loss); 0 = BCE only
+    listwise_weight: float = 0.0   # weight of the in-request softmax loss beside BCE (RankModel.loss); 0 = BCE only
     grad_clip: float = 5.0
     device: str = "auto"           # auto | cpu | cuda | cuda:N
     num_threads: int = 0           # 0 = torch default

@@ -4,7 +4,8 @@
   the candidate x query / x pooled-history products and the query-item token overlap (checked
   against a plain-Python reference), and the model trains both ways;
 * the split head (request share once per request) equals the concatenated head;
-* the inference item cache gives the same scores as the direct lookup and follows parameter changes.
+* the inference item cache gives the same scores as the direct lookup and follows parameter changes;
+* every model trains with the in-request softmax (listwise) term.
 """
 
 from __future__ import annotations
@@ -270,3 +271,23 @@ def test_target_attention_split_equals_concatenated_mlp(softmax):
     with torch.no_grad():
         torch.testing.assert_close(att(q, keys, mask, cand_req), ref, atol=1e-5, rtol=0)
         torch.testing.assert_close(att(q, k, m), ref, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", NEURAL)
+def test_every_neural_model_trains_with_the_listwise_term(name, tiny_dataset, batch):
+    _, ds = tiny_dataset
+    model = build(name, ds)
+    model.train()
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    torch.manual_seed(0)
+    first = last = None
+    for _ in range(25):
+        out = model(batch)
+        loss, parts = model.loss(batch, out, listwise_weight=1.0)
+        assert "listwise" in parts
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        first = parts["listwise"] if first is None else first
+        last = parts["listwise"]
+    assert math.isfinite(last) and last < first, (first, last)

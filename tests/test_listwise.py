@@ -2,17 +2,14 @@
 
 Checked against a plain per-request reference; requests without a click are left out; it orders
 candidates within a request and ignores shifts shared by a whole request; every neural model trains
-with it.
+with it (``tests/test_cross.py``).
 """
 
 from __future__ import annotations
 
 import math
 
-import pytest
 import torch
-from test_cross import NEURAL, build
-from test_cross import batch as _batch_fixture  # noqa: F401 (registers the shared `batch` fixture)
 
 from qdrank.models.base import request_softmax_loss
 
@@ -58,23 +55,3 @@ def test_gradient_raises_the_clicked_candidate():
     logit = torch.zeros(3, requires_grad=True)
     request_softmax_loss(logit, torch.tensor([0.0, 1.0, 0.0]), req, 1).backward()
     assert logit.grad[1] < 0 < logit.grad[0] and logit.grad[0] == logit.grad[2]
-
-
-@pytest.mark.parametrize("name", NEURAL)
-def test_every_neural_model_trains_with_the_listwise_term(name, tiny_dataset, batch):
-    _, ds = tiny_dataset
-    model = build(name, ds)
-    model.train()
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    torch.manual_seed(0)
-    first = last = None
-    for _ in range(25):
-        out = model(batch)
-        loss, parts = model.loss(batch, out, listwise_weight=1.0)
-        assert "listwise" in parts
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        first = parts["listwise"] if first is None else first
-        last = parts["listwise"]
-    assert math.isfinite(last) and last < first, (first, last)
