@@ -69,6 +69,8 @@ class ModelConfig:
     #                                token overlap) in every neural model's head (README "Models")
     cross_history: bool = True     # with them: how often / how recently the history hit the candidate's
     #                                item and each of its side values (CrossFeatures.history_match)
+    cross_category: bool = True    # with them: query x the candidate's category vector (the dataset's declared
+    #                                `category`), a learned query -> category affinity
 
 
 @dataclass

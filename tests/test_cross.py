@@ -141,7 +141,9 @@ def test_cross_block_in_head_input_iff_model_cross(name, tiny_dataset, batch):
         x_on = on.head_input(on.encode_request(batch), batch)
         x_off = off.head_input(off.encode_request(batch), batch)
     d = on.cfg.dim
-    width = 2 * d + 4 + on.cross_features.n_history
+    cf = on.cross_features
+    width = 2 * d + 4 + cf.n_history + d   # + query x category (the tiny data declares a category)
+    assert cf.category_slots is not None
     n_actions = len(ds.fmap.features["action"].vocab)
     assert on.cross_features.n_history == (2 + n_actions) * (1 + len(on.cross_features.history_slots)) > 2
     assert "cross" in on.head_layout() and "cross" not in off.head_layout()
@@ -159,7 +161,13 @@ def test_cross_block_in_head_input_iff_model_cross(name, tiny_dataset, batch):
     ref = reference_overlap(on, batch)
     torch.testing.assert_close(cross[:, 2 * d:2 * d + 4], ref, atol=1e-6, rtol=0)
     hist = reference_history_match(on, batch)
-    torch.testing.assert_close(cross[:, 2 * d + 4:], hist, atol=1e-5, rtol=1e-5)
+    end = 2 * d + 4 + cf.n_history
+    torch.testing.assert_close(cross[:, 2 * d + 4:end], hist, atol=1e-5, rtol=1e-5)
+    # query x the embedding of the candidate's category value
+    s, _ = cf.category_slots
+    with torch.no_grad():
+        cat = on.emb.table(on.emb.item_sparse[batch.cand_item, s])
+    torch.testing.assert_close(cross[:, end:], cat * q, atol=1e-6, rtol=1e-5)
     assert hist[:, 0].max() > 0 and hist[:, 2 + n_actions].max() > 0  # repeats of an item and of a side value occur
     assert ref[:, 0].max() > 0 and ref[:, 2].max() > 0   # the test batch has text and side matches
     # both request parts are the same inputs: everything but the cross block is identical

@@ -87,7 +87,7 @@ class RankModel(nn.Module):
         self.cfg = cfg
         self.emb = FeatureEmbedder(fmap, cfg.dim)
         self.position = PositionBias() if cfg.position_bias and fmap.has_position else None
-        self.cross_features = CrossFeatures(fmap, cfg.dim, cfg.cross_history) if cfg.cross else None
+        self.cross_features = CrossFeatures(fmap, cfg.dim, cfg.cross_history, cfg.cross_category) if cfg.cross else None
         self._item_cache: dict | None = None
 
     # ---- to implement --------------------------------------------------------------------
@@ -173,8 +173,11 @@ class RankModel(nn.Module):
         if self._interest:
             cand.append(c * state["interest"][r])
         if self.cross_features is not None:
-            cand.append(self.cross_features(c, state["x_query"][r], state["x_hist"][r], self.overlap(batch),
-                                            self.cross_features.history_match(batch, self.emb.item_sparse)))
+            cf = self.cross_features
+            cat = (cf.category_vectors(self.emb.table, self.emb.item_sparse, batch.cand_item)
+                   if cf.category_slots else None)
+            cand.append(cf(c, state["x_query"][r], state["x_hist"][r], self.overlap(batch),
+                           cf.history_match(batch, self.emb.item_sparse), cat))
         return req, torch.cat(cand, -1)
 
     def head_input(self, state: RequestState, batch: Batch) -> torch.Tensor:

@@ -414,9 +414,9 @@ def history_feature_match(batch: Batch, item_sparse: torch.Tensor, start: int, w
 class CrossFeatures(nn.Module):
     """The cross features of a candidate and its request, the same for every neural model.
 
-    Per candidate, ``width = 2 * dim + 4 + n_history`` columns::
+    Per candidate, ``width = 2 * dim + 4 + n_history (+ dim)`` columns::
 
-        [ c * q,  c * h,  text share, text any, side share, side any,  history matches ]
+        [ c * q,  c * h,  text share, text any, side share, side any,  history matches,  k * q ]
 
     ``c`` is the candidate vector, ``q`` the request's query vector, ``h`` the masked mean of its
     history tokens. The overlap columns compare the request's hashed query tokens with the
@@ -434,13 +434,23 @@ class CrossFeatures(nn.Module):
     action type (click, cart, purchase...). A pooled history ``h`` blurs an exact repeat; these
     columns carry it, as the ``history_match`` and ``gbdt`` baselines see it, so every neural model
     gets the same evidence as the baselines it is compared with.
+
+    *k * q* (``category=True``, ``model.cross_category``, when the dataset declares a ``category``):
+    the query vector times the embedding of the candidate's category value alone. ``c`` sums the
+    item's id, brand, price... vectors, which blurs the query -> category affinity (the ``gbdt``
+    baseline's strongest feature); on synthetic ``small`` DIN separated query-category matches from
+    the rest at GAUC 0.87 without these columns, against gbdt's 1.00.
     """
 
     N_OVERLAP = 4
     ROLES = ("item", "candidate")
 
-    def __init__(self, fmap: FeatureMap, dim: int, history: bool = True):
+    def __init__(self, fmap: FeatureMap, dim: int, history: bool = True, category: bool = True):
         super().__init__()
+        # the item slots of the dataset's declared category: q * category vector, a learned query ->
+        # category affinity that the summed candidate vector (id + brand + price + ...) blurs
+        self.category_slots = next(((s, w) for f, s, w in fmap.slot_layout("item") if f.name == fmap.has_category),
+                                   None) if category else None
         self.history_slots = ([(s, w) for f, s, w in fmap.slot_layout("item") if f.type in ("categorical", "list")
                                and f.name != "item_id" and len(f.vocab) <= MAX_SIDE_VOCAB] if history else [])
         # per action type (click, cart, purchase...): a purchase of the same brand says more than an impression
@@ -450,7 +460,7 @@ class CrossFeatures(nn.Module):
         self.n_actions = n_act if n_act <= MAX_ACTIONS_SPLIT else 0
         self.action_offset = act.offset if act is not None else 0
         self.n_history = (2 + self.n_actions) * (1 + len(self.history_slots)) if history else 0
-        self.width = 2 * dim + self.N_OVERLAP + self.n_history
+        self.width = 2 * dim + self.N_OVERLAP + self.n_history + (dim if self.category_slots else 0)
         tables = [np.zeros((1, SIDE_VALUE_TOKENS), dtype=np.int64)]     # row 0: missing value
         n_rows = 1
         self.has_tokens: dict[str, bool] = {}
@@ -519,13 +529,21 @@ class CrossFeatures(nn.Module):
         hit = (a.unsqueeze(-1) == torch.arange(1, self.n_actions + 1, device=a.device)) & batch.hist_mask.unsqueeze(-1)
         return hit.float()
 
+    def category_vectors(self, table: nn.Embedding, item_sparse: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """[N, d] the embedding of each item's category value (mean over a list's values, 0 if none)."""
+        s, w = self.category_slots
+        ids = item_sparse[items, s:s + w]
+        return masked_mean(table(ids), ids > 0, 1)
+
     def forward(self, c: torch.Tensor, q: torch.Tensor, h: torch.Tensor, overlap: torch.Tensor,
-                history: torch.Tensor | None = None) -> torch.Tensor:
+                history: torch.Tensor | None = None, category: torch.Tensor | None = None) -> torch.Tensor:
         """c, q, h [N, d] (q and h already gathered to candidates), overlap [N, 4], history
-        [N, n_history] -> [N, width]."""
+        [N, n_history], category [N, d] -> [N, width]."""
         parts = [c * q, c * h, overlap.to(c.dtype)]
         if self.n_history:
             parts.append(history.to(c.dtype))
+        if self.category_slots:
+            parts.append(category.to(c.dtype) * q)
         return torch.cat(parts, -1)
 
 
