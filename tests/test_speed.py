@@ -11,6 +11,7 @@ import torch
 from conftest import tiny_config
 
 from qdrank.models.layers import (
+    Dropout,
     FeatureEmbedder,
     TargetAttention,
     from_slots,
@@ -18,6 +19,7 @@ from qdrank.models.layers import (
     request_slots,
     set_fast_layers,
     to_slots,
+    unique_ids,
 )
 from qdrank.models.registry import available_models, model_class
 from qdrank.training.optim import (
@@ -111,6 +113,9 @@ def _assert_switch_keeps_function(model, ds, switch) -> None:
     outs = []
     for fast in (False, True):
         switch(model, fast)
+        for m in model.modules():  # a dropout left on (iFusion's core_dropout) draws the same mask on both
+            if isinstance(m, Dropout):
+                m.fast = True
         model.zero_grad()
         torch.manual_seed(0)  # models that draw noise in training (DiffusionGS) draw the same
         out = model(b)
@@ -124,8 +129,49 @@ def _assert_switch_keeps_function(model, ds, switch) -> None:
 
 # ---- per-request layer rewrites (set_fast_layers) ---------------------------------------------
 def _layer_switches(model) -> list[str]:
+    """Layers with a per-request rewrite (every model has Dropout's fast mask, tested apart)."""
     return [n for n, m in model.named_modules()
-            if not isinstance(m, FeatureEmbedder) and isinstance(getattr(m, "fast", None), bool)]
+            if not isinstance(m, FeatureEmbedder | Dropout) and isinstance(getattr(m, "fast", None), bool)]
+
+
+# ---- cheap dropout mask and unique ids -----------------------------------------------------------
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_fast_dropout_has_dropouts_distribution(p):
+    """Dropout's fast mask: kept entries scaled by 1/(1-p), kept with probability 1-p (within
+    5 standard errors over 400k entries), gradient = the same mask; identity in eval and at p=0;
+    set_fast_layers(False) restores nn.Dropout's own draw."""
+    torch.manual_seed(0)
+    x = torch.ones(400_000, requires_grad=True)
+    drop = Dropout(p)
+    assert drop.fast
+    y = drop(x)
+    kept = y != 0
+    assert torch.allclose(y[kept], torch.full_like(y[kept], 1 / (1 - p)))
+    rate, se = float(kept.float().mean()), ((1 - p) * p / x.numel()) ** 0.5
+    assert abs(rate - (1 - p)) < 5 * se, rate
+    y.sum().backward()
+    assert torch.equal(x.grad, y.detach())
+    other = drop(x)
+    assert not torch.equal(other != 0, kept)  # a fresh mask per call
+    drop.eval()
+    assert drop(x) is x
+    drop.train()
+    assert Dropout(0.0)(x) is x
+    set_fast_layers(drop, False)
+    torch.manual_seed(1)
+    ref = drop(x.detach())
+    torch.manual_seed(1)
+    torch.testing.assert_close(ref, torch.nn.functional.dropout(x.detach(), p, True))
+
+
+@pytest.mark.parametrize("size", [50, 100_000])
+def test_unique_ids_is_torch_unique(size):
+    """Both branches (mark-and-cumsum for a small id range, sort for a large one) == torch.unique."""
+    torch.manual_seed(0)
+    ids = torch.randint(0, size, (7, 300))
+    rows, inv = unique_ids(ids, size)
+    ref_rows, ref_inv = torch.unique(ids.reshape(-1), return_inverse=True)
+    assert torch.equal(rows, ref_rows) and torch.equal(inv, ref_inv)
 
 
 def test_request_slots_round_trip():
@@ -370,6 +416,7 @@ def test_fast_path_keeps_test_gauc(tiny_dataset, tmp_path):
         tr = Trainer(tiny_config("dnn", "train.max_epochs=6", "train.patience=6", "train.lr=0.003", *extra),
                      ds, tmp_path / path, log=lambda m: None)
         tr.model.emb.fast = path == "fast"
+        set_fast_layers(tr.model, path == "fast")  # per-request layers and Dropout's cheap mask
         res[path] = tr.fit()["test"]["serving_ctr_gauc"]
     assert res["reference"] > 0.55, res
     assert abs(res["fast"] - res["reference"]) <= GAUC_TOLERANCE, res

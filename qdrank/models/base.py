@@ -18,7 +18,14 @@ from torch import nn
 from qdrank.config import ModelConfig
 from qdrank.data.batch import Batch
 from qdrank.data.features import FeatureMap
-from qdrank.models.layers import CrossFeatures, FeatureEmbedder, PositionBias, TwoTaskHead, masked_mean
+from qdrank.models.layers import (
+    CrossFeatures,
+    FeatureEmbedder,
+    PositionBias,
+    TwoTaskHead,
+    gather_rows,
+    masked_mean,
+)
 
 if TYPE_CHECKING:
     from qdrank.data.dataset import SearchLogDataset
@@ -171,12 +178,12 @@ class RankModel(nn.Module):
         c = self.candidate(batch)
         cand = [c, *self.candidate_vectors(state, batch, c)]
         if self._interest:
-            cand.append(c * state["interest"][r])
+            cand.append(c * gather_rows(state["interest"], r))
         if self.cross_features is not None:
             cf = self.cross_features
             cat = (cf.category_vectors(self.emb.table, self.emb.item_sparse, batch.cand_item)
                    if cf.category_slots else None)
-            cand.append(cf(c, state["x_query"][r], state["x_hist"][r], self.overlap(batch),
+            cand.append(cf(c, gather_rows(state["x_query"], r), gather_rows(state["x_hist"], r), self.overlap(batch),
                            cf.history_match(batch, self.emb.item_sparse), cat))
         return req, torch.cat(cand, -1)
 

@@ -69,7 +69,7 @@ from qdrank.models.diffusion import (
     timestep_embedding,
     token_kl,
 )
-from qdrank.models.layers import masked_mean
+from qdrank.models.layers import Dropout, masked_mean
 
 INFER_NOISE_SEED = 20250917
 ALLOWED = {
@@ -168,9 +168,9 @@ class UserAwareDenoisingLayer(nn.Module):
         self.w_u = nn.Linear(gate_dim if gate == "user" else dim, dim) if gate != "none" else None
         self.out = nn.Linear(dim, dim)
         self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.ffn = nn.Sequential(nn.Linear(dim, ffn_mult * dim), nn.SiLU(), nn.Dropout(dropout),
+        self.ffn = nn.Sequential(nn.Linear(dim, ffn_mult * dim), nn.SiLU(), Dropout(dropout),
                                  nn.Linear(ffn_mult * dim, dim))
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
 
     def _split(self, x: torch.Tensor) -> torch.Tensor:
         R, L, d = x.shape

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qdrank.models.layers import RequestSlots, from_slots, per_request, request_slots, to_slots
+from qdrank.models.layers import Dropout, RequestSlots, from_slots, per_request, request_slots, to_slots
 
 #: time-gap bucket of a candidate: the request happens "now", gap 0 -> 1 + floor(log2(1 + 0)) = 1
 CANDIDATE_TIME_BUCKET = 1
@@ -106,7 +106,7 @@ class HSTULayer(nn.Module):
         self.f1 = nn.Linear(dim, 4 * inner)
         self.attn_norm = GroupLayerNorm(inner, n_groups)
         self.f2 = nn.Linear(inner, dim)
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
 
     def project(self, x: torch.Tensor, group: int | torch.Tensor = 0):
         """x [..., T, d] -> U [..., T, H*dh]; Q, K, V [..., H, T, dh]."""

@@ -24,13 +24,65 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int) -> torch.Tensor:
     return (x * m).sum(dim) / m.sum(dim).clamp_min(1.0)
 
 
+#: resolution of :class:`Dropout`'s cheap mask: a kept entry draws an integer in [0, 2**24)
+_MASK_BITS = 24
+
+
+class Dropout(nn.Dropout):
+    """``nn.Dropout`` with a cheaper mask on CPU (``fast = True``, the default).
+
+    The same distribution (each entry kept with probability ``1 - p``, kept entries scaled by
+    ``1 / (1 - p)``; ``p`` rounded to a multiple of 2**-24), drawn from random integers
+    (``random_``) instead of ``bernoulli_``: 3x less time for the mask on CPU, where
+    ``bernoulli_`` was 5-17% of a training step (README "Training throughput"). Other random
+    numbers than ``nn.Dropout``'s, so a fixed seed gives another (equally likely) run.
+    ``fast = False`` (``set_fast_layers``) is ``nn.Dropout`` itself; CUDA always uses it.
+    """
+
+    def __init__(self, p: float = 0.5):
+        super().__init__(p)
+        self.fast = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        if not self.fast or x.device.type != "cpu" or self.p >= 1.0:
+            return F.dropout(x, self.p, True)
+        cut = round(self.p * (1 << _MASK_BITS))
+        keep = torch.empty(x.shape, dtype=torch.int32, device=x.device).random_(0, 1 << _MASK_BITS) >= cut
+        return x * keep.to(x.dtype).mul_(1.0 / (1.0 - self.p))
+
+
+def unique_ids(ids: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.unique(ids, return_inverse=True)`` for ids in [0, size), flattened.
+
+    When ``size`` is not much larger than the number of ids, a mark-and-cumsum over [0, size)
+    replaces the sort (3x faster for a batch's ~13k ids in a 55k-row table); otherwise the sort."""
+    flat = ids.reshape(-1)
+    if size > 8 * flat.numel() + 4096:
+        rows, inv = torch.unique(flat, return_inverse=True)
+        return rows, inv
+    mark = torch.zeros(size, dtype=torch.bool, device=ids.device)
+    mark[flat] = True
+    rows = mark.nonzero().squeeze(1)
+    local = torch.cumsum(mark, 0).sub_(1)
+    return rows, local.index_select(0, flat)
+
+
+def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``x[index]`` for a 1-D ``index`` as ``index_select``: the same values, but its backward
+    (``index_add_``) is several times faster on CPU than the accumulating ``index_put_`` of
+    ``x[index]`` (request vectors gathered to candidates)."""
+    return x.index_select(0, index)
+
+
 class MLP(nn.Sequential):
     def __init__(self, in_dim: int, hidden: tuple[int, ...], dropout: float = 0.0, out_dim: int | None = None,
                  act: type[nn.Module] = nn.ReLU):
         layers: list[nn.Module] = []
         d = in_dim
         for h in hidden:
-            layers += [nn.Linear(d, h), act(), nn.Dropout(dropout)]
+            layers += [nn.Linear(d, h), act(), Dropout(dropout)]
             d = h
         if out_dim is not None:
             layers.append(nn.Linear(d, out_dim))
@@ -131,8 +183,8 @@ class FeatureEmbedder(nn.Module):
             return self.table.weight.new_zeros(*lead, self.dim)
         ids, weights = ids.reshape(-1, k), weights.reshape(-1, k)
         if self.sparse_grad:
-            rows, local = torch.unique(ids, return_inverse=True)
-            out = F.embedding_bag(local, _Rows.apply(self.table.weight, rows), mode="sum", per_sample_weights=weights)
+            rows, local = unique_ids(ids, self.table.weight.shape[0])
+            out = F.embedding_bag(local.view(ids.shape), _Rows.apply(self.table.weight, rows), mode="sum", per_sample_weights=weights)
         else:
             out = F.embedding_bag(ids, self.table.weight, mode="sum", per_sample_weights=weights)
         return out.view(*lead, self.dim)
@@ -159,8 +211,8 @@ class FeatureEmbedder(nn.Module):
         if c is not None and c[0][0] is key[0] and c[0][1] is key[1] and c[0][2:] == key[2:]:
             return c[1], c[2]
         rows = torch.cat([b.hist_item.reshape(-1), b.cand_item])
-        uniq, inv = torch.unique(rows, return_inverse=True)
-        vec = self._item_vectors(uniq)[inv]
+        uniq, inv = unique_ids(rows, self.item_sparse.shape[0])
+        vec = self._item_vectors(uniq).index_select(0, inv)
         n_hist = b.hist_item.numel()
         out = (vec[:n_hist].view(*b.hist_item.shape, self.dim), vec[n_hist:])
         self._items_cache = (key, *out)
@@ -554,7 +606,7 @@ def split_linear(layer: nn.Linear, req: torch.Tensor, cand: torch.Tensor, cand_r
     """
     k = req.shape[-1]
     w = layer.weight
-    return F.linear(req, w[:, :k], layer.bias)[cand_req] + F.linear(cand, w[:, k:])
+    return gather_rows(F.linear(req, w[:, :k], layer.bias), cand_req) + F.linear(cand, w[:, k:])
 
 
 class TwoTaskHead(nn.Module):

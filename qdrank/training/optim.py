@@ -25,6 +25,7 @@ from collections.abc import Iterable
 import torch
 
 from qdrank.config import TrainConfig
+from qdrank.models.layers import unique_ids
 
 EMBEDDING_OPTIMIZERS = ("dense", "adam", "rowwise_adagrad")
 
@@ -36,7 +37,7 @@ def coalesce_rows(g: torch.Tensor) -> torch.Tensor:
     9.2 ms on one CPU thread for a batch's 33k looked-up rows (4.8k distinct)."""
     if g.is_coalesced() or g.sparse_dim() != 1:
         return g.coalesce()
-    rows, inv = torch.unique(g._indices()[0], return_inverse=True)
+    rows, inv = unique_ids(g._indices()[0], g.shape[0])
     vals = g._values()
     summed = vals.new_zeros(rows.shape[0], *vals.shape[1:]).index_add_(0, inv, vals)
     return torch.sparse_coo_tensor(rows[None], summed, g.shape, is_coalesced=True, check_invariants=False)
@@ -77,14 +78,15 @@ class RowWiseAdam(torch.optim.Optimizer):
                 st["step"] += 1
                 rows, g = _rows_and_values(p)
                 if wd:
-                    g = g + wd * p[rows]
+                    g = g + wd * p.index_select(0, rows)
                 step = float(st["step"])
-                m = st["exp_avg"][rows].lerp_(g, 1 - b1)
-                v = st["exp_avg_sq"][rows].mul_(b2).addcmul_(g, g, value=1 - b2)
-                st["exp_avg"][rows] = m
-                st["exp_avg_sq"][rows] = v
-                denom = (v.sqrt() / (1 - b2 ** step) ** 0.5).add_(eps)
-                p[rows] = p[rows].addcdiv_(m, denom, value=-lr / (1 - b1 ** step))
+                # index_select / index_copy_: ~5x faster on CPU than ``t[rows]`` / ``t[rows] = x``
+                m = st["exp_avg"].index_select(0, rows).lerp_(g, 1 - b1)
+                v = st["exp_avg_sq"].index_select(0, rows).mul_(b2).addcmul_(g, g, value=1 - b2)
+                st["exp_avg"].index_copy_(0, rows, m)
+                st["exp_avg_sq"].index_copy_(0, rows, v)
+                denom = (v.sqrt_() / (1 - b2 ** step) ** 0.5).add_(eps)
+                p.index_copy_(0, rows, p.index_select(0, rows).addcdiv_(m, denom, value=-lr / (1 - b1 ** step)))
         return None
 
 
@@ -108,10 +110,10 @@ class RowWiseAdagrad(torch.optim.Optimizer):
                 st["step"] += 1
                 rows, g = _rows_and_values(p)
                 if group["weight_decay"]:
-                    g = g + group["weight_decay"] * p[rows]
-                acc = st["sum"][rows] + g.pow(2).mean(1)
-                st["sum"][rows] = acc
-                p[rows] = p[rows] - group["lr"] * g / (acc.sqrt() + group["eps"]).unsqueeze(1)
+                    g = g + group["weight_decay"] * p.index_select(0, rows)
+                acc = st["sum"].index_select(0, rows) + g.pow(2).mean(1)
+                st["sum"].index_copy_(0, rows, acc)
+                p.index_copy_(0, rows, p.index_select(0, rows) - group["lr"] * g / (acc.sqrt() + group["eps"]).unsqueeze(1))
         return None
 
 
