@@ -69,7 +69,7 @@ from qdrank.models.diffusion import (
     timestep_embedding,
     token_kl,
 )
-from qdrank.models.layers import Dropout, masked_mean
+from qdrank.models.layers import Dropout, masked_mean, per_request
 
 INFER_NOISE_SEED = 20250917
 ALLOWED = {
@@ -171,14 +171,45 @@ class UserAwareDenoisingLayer(nn.Module):
         self.ffn = nn.Sequential(nn.Linear(dim, ffn_mult * dim), nn.SiLU(), Dropout(dropout),
                                  nn.Linear(ffn_mult * dim, dim))
         self.drop = Dropout(dropout)
+        # the user-gated linear-attention branch folded into one [d, d] matrix per request (see
+        # :meth:`folded_attention`); False: the reference form (set_fast_layers)
+        self.fast = True
 
     def _split(self, x: torch.Tensor) -> torch.Tensor:
         R, L, d = x.shape
         return x.view(R, L, self.heads, d // self.heads).transpose(1, 2)
 
+    def folded_attention(self, x: torch.Tensor, mask: torch.Tensor, gate_in: torch.Tensor) -> torch.Tensor:
+        """``out(gate * attention(x))`` for the user gate and linear attention, as ``x A_r + c_r``.
+
+        Everything between the tokens and the output projection is linear in the query tokens with
+        per-request coefficients: per head ``Q_h (K_h^T V_h / n)``, i.e. ``Q BD(M)`` with ``M = K^T V / n``
+        [d, d] kept on its head blocks; the user gate scales columns; so the branch is
+        ``x (W_q^T BD(M) diag(U) W_o^T) + (b_q BD(M) diag(U) W_o^T + b_o)``. The [d, d] matrix is
+        built once per request, so per token only K, V (one fused projection) and one [d, d]
+        product remain instead of four projections, the per-head products, head transposes and
+        the gate; the same function as the reference form (tests/test_speed.py)."""
+        d = x.shape[-1]
+        m = mask.unsqueeze(-1).to(x.dtype)
+        n = mask.sum(1).clamp_min(1).to(x.dtype)[:, None, None]
+        kv = F.linear(x, torch.cat([self.w_k.weight, self.w_v.weight]), torch.cat([self.w_k.bias, self.w_v.bias])) * m
+        k, v = kv.split(d, dim=-1)
+        head = torch.arange(d, device=x.device) // (d // self.heads)
+        blocks = (head[:, None] == head[None, :]).to(kv.dtype)
+        u = F.silu(self.w_u(gate_in)).to(kv.dtype)
+        b = torch.bmm(k.transpose(1, 2), v) * (blocks / n) * u[:, None, :]       # [R, d, d]
+        a = torch.matmul(torch.matmul(self.w_q.weight.t().to(b.dtype), b), self.out.weight.t().to(b.dtype))
+        c = F.linear(torch.matmul(self.w_q.bias.to(b.dtype), b), self.out.weight, self.out.bias)
+        return torch.baddbmm(c.unsqueeze(1).to(a.dtype), x.to(a.dtype), a)
+
     def forward(self, x: torch.Tensor, mask: torch.Tensor, gate_in: torch.Tensor,
                 query: torch.Tensor | None = None) -> torch.Tensor:
         """x [R, L, d], mask [R, L], gate_in [R, G], query [R, d] (cross only) -> [R, L, d]."""
+        if self.gate == "user" and self.impl == "linear" and not self.cross and per_request(self.fast):
+            m = mask.unsqueeze(-1).to(x.dtype)
+            x = self.norm1(x + self.drop(self.folded_attention(x, mask, gate_in)))
+            x = self.norm2(x + self.drop(self.ffn(x)))
+            return x * m
         src = query[:, None, :] if self.cross else x               # attention queries [R, Lq, d]
         q, k, v = self._split(self.w_q(src)), self._split(self.w_k(x)), self._split(self.w_v(x))
         if self.gate == "none":
