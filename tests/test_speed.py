@@ -231,8 +231,35 @@ def test_target_attention_decomposition_is_the_concatenated_mlp(softmax, layout)
         torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("layout", ["padded", "full"])
+def test_folded_udl_attention_is_the_reference_layer(layout):
+    """The UDL's folded attention branch (x A_r + c_r per request) == the reference layer (per-head
+    linear attention, user gate, output projection): output and every gradient to 1e-10 in float64,
+    with padding and a request with no valid behaviour."""
+    from qdrank.models.diffusiongs import UserAwareDenoisingLayer
+
+    torch.manual_seed(0)
+    R, L, d = 5, 9, 16
+    layer = UserAwareDenoisingLayer(d, 2, "user", 6, "linear", 2, 0.0).double().train()
+    mask = torch.rand(R, L) > 0.3 if layout == "padded" else torch.ones(R, L, dtype=torch.bool)
+    mask[2] = layout == "full"
+    x0, g0 = torch.randn(R, L, d, dtype=torch.float64), torch.randn(R, 6, dtype=torch.float64)
+    w = torch.randn(R, L, d, dtype=torch.float64)
+    outs = []
+    for fast in (False, True):
+        layer.fast = fast
+        layer.zero_grad()
+        x, g = x0.clone().requires_grad_(), g0.clone().requires_grad_()
+        y = layer(x, mask, g)
+        (y * w).sum().backward()
+        outs.append([y.detach(), x.grad, g.grad, *(p.grad for p in layer.parameters())])
+    assert outs[0][0].abs().sum() > 0
+    for a, b in zip(*outs):
+        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-10)
+
+
 # the models with a layer that has a fast and a reference form (checked complete below)
-LAYER_MODELS = ["din", "hstu", "mtgr", "sim", "twin", "eta"]
+LAYER_MODELS = ["din", "diffusiongs", "hstu", "mtgr", "sim", "twin", "eta"]
 
 
 def test_layer_models_list_is_complete(tiny_dataset):
