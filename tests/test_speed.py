@@ -239,7 +239,7 @@ def test_folded_udl_attention_is_the_reference_layer(layout):
     from qdrank.models.diffusiongs import UserAwareDenoisingLayer
 
     torch.manual_seed(0)
-    R, L, d = 5, 9, 16
+    R, L, d = 5, 19, 16  # L > d: the folded form's range
     layer = UserAwareDenoisingLayer(d, 2, "user", 6, "linear", 2, 0.0).double().train()
     mask = torch.rand(R, L) > 0.3 if layout == "padded" else torch.ones(R, L, dtype=torch.bool)
     mask[2] = layout == "full"
@@ -250,7 +250,12 @@ def test_folded_udl_attention_is_the_reference_layer(layout):
         layer.fast = fast
         layer.zero_grad()
         x, g = x0.clone().requires_grad_(), g0.clone().requires_grad_()
+        calls = []
+        fold = layer.folded_attention
+        layer.folded_attention = lambda *a, fold=fold, calls=calls: calls.append(1) or fold(*a)
         y = layer(x, mask, g)
+        del layer.folded_attention
+        assert len(calls) == int(fast)  # the fast switch really takes the folded form
         (y * w).sum().backward()
         outs.append([y.detach(), x.grad, g.grad, *(p.grad for p in layer.parameters())])
     assert outs[0][0].abs().sum() > 0
