@@ -17,11 +17,13 @@ figures are machine-dependent.
 Switches (reference value -> fast value):
   fused     ``model.emb.fast``: unique items once per batch + fused EmbeddingBags (False -> True)
   layers    ``set_fast_layers``: per-request rewrites of DIN's target attention, the HSTU/MTGR
-            candidate attention and SIM/TWIN's GSU scores (reference forms -> fast forms; the same
-            function, tests/test_speed.py)
+            candidate attention and SIM/TWIN's GSU scores, the UDL's folded attention (the same
+            function, tests/test_speed.py), and Dropout's cheap CPU mask (the same distribution)
+            (reference forms -> fast forms)
   sparse    ``train.embedding_optimizer``: dense Adam -> row-wise lazy Adam on row-sparse grads
   prefetch  ``train.prefetch``: 0 -> 2 batches built ahead in a thread
-  bf16      ``train.autocast``: none -> bf16 (measured, off by default)
+  bf16      ``train.autocast``: none -> auto (bf16 autocast where the hardware has fast bf16
+            matmuls, as on this CPU: AVX-512 BF16; the default)
   compile   ``train.compile``: False -> True (measured, off by default; compile time reported)
   nodrop    ``model.dropout``: configured -> 0 (measured, not a default: it changes the model)
 """
@@ -50,10 +52,10 @@ TARGETS = {"dnn": 60_000, "din": 30_000, "diffusiongs": 30_000, "diffusiongs@100
 OTHER_TARGET = 15_000
 REFERENCE = {"fused": False, "layers": False, "embedding_optimizer": "dense", "prefetch": 0, "autocast": "none", "compile": False,
              "nodrop": False}
-FAST = {"fused": True, "layers": True, "embedding_optimizer": "adam", "prefetch": 2, "autocast": "none", "compile": False,
+FAST = {"fused": True, "layers": True, "embedding_optimizer": "adam", "prefetch": 2, "autocast": "auto", "compile": False,
         "nodrop": False}
 TOGGLES = {"fused": ("fused", True), "layers": ("layers", True), "sparse": ("embedding_optimizer", "adam"), "prefetch": ("prefetch", 2),
-           "bf16": ("autocast", "bf16"), "compile": ("compile", True), "nodrop": ("nodrop", True)}
+           "bf16": ("autocast", "auto"), "compile": ("compile", True), "nodrop": ("nodrop", True)}
 
 
 def variants(ablate: bool, extra: list[str]) -> dict[str, dict]:

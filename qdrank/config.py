@@ -51,7 +51,7 @@ class TrainConfig:
     # training-step speed switches (README "Training throughput"; qdrank/training/optim.py)
     embedding_optimizer: str = "adam"  # dense (Adam on the whole table) | adam (row-wise lazy) | rowwise_adagrad
     embedding_lr: float = 0.0      # learning rate of the row-wise table optimizer; 0 = lr
-    autocast: str = "none"         # none | bf16: bf16 autocast, fp32 master weights
+    autocast: str = "auto"         # auto (bf16 where the CPU/GPU has fast bf16 matmuls) | none | bf16; fp32 master weights
     compile: bool = False          # torch.compile the model's forward
     prefetch: int = 2              # batches built ahead in a background thread; 0 = inline
 

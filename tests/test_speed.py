@@ -442,7 +442,8 @@ def test_fast_path_keeps_test_gauc(tiny_dataset, tmp_path):
     _, ds = tiny_dataset
     res = {}
     for path in ("reference", "fast"):
-        extra = (["train.embedding_optimizer=dense", "train.prefetch=0"] if path == "reference" else [])
+        extra = (["train.embedding_optimizer=dense", "train.prefetch=0", "train.autocast=none"]
+                 if path == "reference" else [])
         # 6 epochs: at 3 the tiny log's GAUC is still near 0.55 (the cross block's history matches
         # learn later there), and the comparison needs a model that has learned something
         tr = Trainer(tiny_config("dnn", "train.max_epochs=6", "train.patience=6", "train.lr=0.003", *extra),
@@ -452,3 +453,15 @@ def test_fast_path_keeps_test_gauc(tiny_dataset, tmp_path):
         res[path] = tr.fit()["test"]["serving_ctr_gauc"]
     assert res["reference"] > 0.55, res
     assert abs(res["fast"] - res["reference"]) <= GAUC_TOLERANCE, res
+
+
+def test_autocast_auto_follows_the_hardware():
+    """``train.autocast=auto`` is bf16 exactly where the device multiplies bf16 natively; a typo is
+    a clear error."""
+    from qdrank.training.trainer import autocast_dtype, fast_bf16
+
+    cpu = torch.device("cpu")
+    assert autocast_dtype("auto", cpu) == (torch.bfloat16 if fast_bf16(cpu) else None)
+    assert autocast_dtype("none", cpu) is None and autocast_dtype("bf16", cpu) == torch.bfloat16
+    with pytest.raises(ValueError, match="train.autocast='fp8'"):
+        autocast_dtype("fp8", cpu)
