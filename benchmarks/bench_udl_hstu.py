@@ -12,7 +12,7 @@ bias, ``X + f2(U * LayerNorm(A V))``; generative-recommenders' PyTorch reference
 same ``silu(q k^T) / n`` masked form, dense over the padded ``[B, H, N, N]`` scores).
 
 Both get the same width, layers, heads, dropout and tokens; full-length histories; training mode;
-one process. A step is forward + backward of ``sum(output)`` through every parameter (no optimizer:
+one process; fp32 unless ``--autocast`` (bf16 autocast for both, as ``train.autocast``). A step is forward + backward of ``sum(output)`` through every parameter (no optimizer:
 the parameters are the same size for both, the attention is what differs). The two contenders run
 interleaved in blocks of ``--block`` steps, ``--rounds`` times after a warm-up block, and each
 figure is the median block. The batch holds ``--tokens`` history tokens (requests = tokens //
@@ -32,6 +32,7 @@ import torch
 
 from qdrank.models.diffusiongs import UserAwareDenoisingLayer
 from qdrank.models.hstu_layers import HSTUStack
+from qdrank.training.trainer import autocast_dtype
 from qdrank.utils.io import atomic_write_json
 
 GOALS = {100: 2.0, 1000: 30.0}
@@ -66,13 +67,19 @@ def contenders(a, length: int) -> dict:
     static = torch.zeros(R, length, dtype=torch.bool)
     n = torch.full((R,), length + 1)  # + the candidate token, as the models count it
 
+    dtype = autocast_dtype(a.autocast, torch.device("cpu"))
+
     def udl_step() -> None:
         udl.zero_grad(set_to_none=True)
-        udl(x, mask, gate_in).sum().backward()
+        with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+            out = udl(x, mask, gate_in)
+        out.float().sum().backward()
 
     def hstu_step() -> None:
         hstu.zero_grad(set_to_none=True)
-        hstu.encode(x, pos, time_b, static, mask, 0, n)["out"].sum().backward()
+        with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+            out = hstu.encode(x, pos, time_b, static, mask, 0, n)["out"]
+        out.float().sum().backward()
 
     return {"requests": R, "udl": udl_step, "hstu": hstu_step}
 
@@ -106,6 +113,7 @@ def main() -> None:
     ap.add_argument("--heads", type=int, default=2)
     ap.add_argument("--dropout", type=float, default=0.1)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--autocast", default="none", help="none | bf16 | auto (train.autocast's values), for both")
     ap.add_argument("--block", type=int, default=3, help="steps per timed block")
     ap.add_argument("--rounds", type=int, default=5, help="timed blocks per contender (after a warm-up block)")
     ap.add_argument("--out", default="reports/bench/udl_hstu.json")
@@ -113,7 +121,7 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     report = {"setting": {k: getattr(a, k) for k in ("tokens", "dim", "layers", "heads", "dropout", "threads",
-                                                      "block", "rounds")},
+                                                      "block", "rounds", "autocast")},
               "torch": torch.__version__, "cpu": platform.processor() or platform.machine(), "lengths": {}}
     for length in (int(v) for v in a.lengths.split(",")):
         report["lengths"][str(length)] = bench_length(a, length)
