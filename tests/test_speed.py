@@ -263,6 +263,22 @@ def test_folded_udl_attention_is_the_reference_layer(layout):
         torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-10)
 
 
+def test_target_attention_under_bf16_autocast_stays_the_reference():
+    """Under bf16 autocast the fast form (pair product formed in bf16) stays within bf16 rounding
+    of the fp32 reference."""
+    torch.manual_seed(0)
+    att = TargetAttention(32, (16, 8))
+    cand_req = torch.arange(6).repeat_interleave(4)
+    q, k, mask = torch.randn(24, 32), torch.randn(6, 10, 32), torch.rand(6, 10) > 0.3
+    att.fast = False
+    ref = att(q, k, mask, cand_req)
+    att.fast = True
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fast = att(q, k, mask, cand_req)
+    assert fast.dtype == torch.bfloat16
+    torch.testing.assert_close(fast.float(), ref, rtol=0.05, atol=0.02 * float(ref.abs().max()))
+
+
 # the models with a layer that has a fast and a reference form (checked complete below)
 LAYER_MODELS = ["din", "diffusiongs", "hstu", "mtgr", "sim", "twin", "eta"]
 

