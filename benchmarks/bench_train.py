@@ -25,6 +25,8 @@ Switches (reference value -> fast value):
   bf16      ``train.autocast``: none -> auto (bf16 autocast where the hardware has fast bf16
             matmuls, as on this CPU: AVX-512 BF16; the default)
   compile   ``train.compile``: False -> True (measured, off by default; compile time reported)
+  trim      ``TrainStep.trim``: history columns that are padding in every request of the batch
+            dropped before the step (``trainer.trim_history``; the same function) (False -> True)
   nodrop    ``model.dropout``: configured -> 0 (measured, not a default: it changes the model)
 """
 
@@ -51,11 +53,12 @@ from qdrank.utils.io import atomic_write_json
 TARGETS = {"dnn": 60_000, "din": 30_000, "diffusiongs": 30_000, "diffusiongs@1000": 5_000}
 OTHER_TARGET = 15_000
 REFERENCE = {"fused": False, "layers": False, "embedding_optimizer": "dense", "prefetch": 0, "autocast": "none", "compile": False,
-             "nodrop": False}
+             "nodrop": False, "trim": False}
 FAST = {"fused": True, "layers": True, "embedding_optimizer": "adam", "prefetch": 2, "autocast": "auto", "compile": False,
-        "nodrop": False}
+        "nodrop": False, "trim": True}
 TOGGLES = {"fused": ("fused", True), "layers": ("layers", True), "sparse": ("embedding_optimizer", "adam"), "prefetch": ("prefetch", 2),
-           "bf16": ("autocast", "auto"), "compile": ("compile", True), "nodrop": ("nodrop", True)}
+           "bf16": ("autocast", "auto"), "compile": ("compile", True), "nodrop": ("nodrop", True),
+           "trim": ("trim", True)}
 
 
 def variants(ablate: bool, extra: list[str]) -> dict[str, dict]:
@@ -93,6 +96,7 @@ class Runner:
         set_fast_layers(self.model, sw["layers"])
         self.model.train()
         self.step = TrainStep(self.model, cfg.train, torch.device("cpu"))
+        self.step.trim = sw["trim"]
 
     def block(self, groups: list) -> tuple[int, float, float]:
         """Train on ``groups``; -> (impressions, wall seconds, process CPU seconds)."""

@@ -4,6 +4,7 @@ path computes, and a fixed-seed run keeps its test GAUC."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import threading
 
 import pytest
@@ -468,6 +469,7 @@ def test_fast_path_keeps_test_gauc(tiny_dataset, tmp_path):
                      ds, tmp_path / path, log=lambda m: None)
         tr.model.emb.fast = path == "fast"
         set_fast_layers(tr.model, path == "fast")  # per-request layers and Dropout's cheap mask
+        tr.step.trim = path == "fast"
         res[path] = tr.fit()["test"]["serving_ctr_gauc"]
     assert res["reference"] > 0.55, res
     assert abs(res["fast"] - res["reference"]) <= GAUC_TOLERANCE, res
@@ -483,3 +485,35 @@ def test_autocast_auto_follows_the_hardware():
     assert autocast_dtype("none", cpu) is None and autocast_dtype("bf16", cpu) == torch.bfloat16
     with pytest.raises(ValueError, match="train.autocast='fp8'"):
         autocast_dtype("fp8", cpu)
+
+
+# ---- history trimming --------------------------------------------------------------------------
+@pytest.mark.parametrize("name", NEURAL)
+def test_trimmed_history_is_the_same_function(tiny_dataset, name):
+    """Every model: a batch without its all-padding history columns (TrainStep's trim_history)
+    scores as the full batch (eval mode, logits and the loss's gradients)."""
+    from qdrank.training.trainer import trim_history
+
+    _, ds = tiny_dataset
+    model = build_model(tiny_config(name, "model.dropout=0", "data.max_history=60"), ds)
+    rows = ds.batch_rows("train", 120, shuffle=True, seed=3)[0]
+    b = ds.make_batch(rows, model.extra_inputs)
+    pad = torch.zeros(b.hist_item.shape[0], 40, dtype=torch.long)
+    wide = dataclasses.replace(  # 40 more padding columns than any history needs
+        b, hist_item=torch.cat([b.hist_item, pad], 1), hist_time=torch.cat([b.hist_time, pad], 1),
+        hist_sparse=torch.cat([b.hist_sparse, pad[..., None].expand(-1, -1, b.hist_sparse.shape[2])], 1),
+        hist_query=torch.cat([b.hist_query, pad[..., None].expand(-1, -1, b.hist_query.shape[2])], 1),
+        hist_dense=torch.cat([b.hist_dense, pad[..., None].expand(-1, -1, b.hist_dense.shape[2]).float()], 1),
+        hist_age=torch.cat([b.hist_age, pad.float()], 1))
+    short = trim_history(wide)
+    assert short.hist_item.shape[1] == int(b.hist_len.max()) < wide.hist_item.shape[1]
+    model.eval()
+    outs = []
+    for batch in (wide, short):
+        model.zero_grad()
+        out = model(batch)
+        model.loss(batch, out)[0].backward()
+        outs.append((out.ctr_logit.detach(), _grads(model)))
+    torch.testing.assert_close(outs[1][0], outs[0][0], rtol=1e-5, atol=1e-5)
+    for k, g in outs[0][1].items():
+        torch.testing.assert_close(outs[1][1][k], g, rtol=1e-4, atol=1e-6, msg=k)
