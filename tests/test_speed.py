@@ -487,6 +487,18 @@ def test_autocast_auto_follows_the_hardware():
         autocast_dtype("fp8", cpu)
 
 
+def test_autocast_auto_skips_a_model_that_measured_slower(tiny_dataset):
+    from qdrank.training.trainer import TrainStep, fast_bf16
+
+    _, ds = tiny_dataset
+    cpu = torch.device("cpu")
+    for name, expect in (("ifusion", None), ("din", torch.bfloat16 if fast_bf16(cpu) else None)):
+        cfg = tiny_config(name, "train.autocast=auto")
+        assert TrainStep(build_model(cfg, ds), cfg.train, cpu).autocast == expect, name
+    cfg = tiny_config("ifusion", "train.autocast=bf16")
+    assert TrainStep(build_model(cfg, ds), cfg.train, cpu).autocast == torch.bfloat16  # forced: as asked
+
+
 # ---- history trimming --------------------------------------------------------------------------
 @pytest.mark.parametrize("name", NEURAL)
 def test_trimmed_history_is_the_same_function(tiny_dataset, name):

@@ -132,6 +132,9 @@ def session_slots(hist_len: torch.Tensor, L: int, short_len: int, k: int, age: t
 
 class IFusion(RankModel):
     config_class = IFusionConfig
+    # train.autocast=auto keeps fp32: bf16 made its step ~20% slower on CPU (many small denoiser
+    # calls whose casts cost more than their matmuls gain; README "Training throughput")
+    bf16_pays = False
 
     def __init__(self, fmap: FeatureMap, cfg: IFusionConfig):
         validate_config(cfg)

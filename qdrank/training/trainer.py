@@ -111,7 +111,8 @@ def fast_bf16(device: torch.device) -> bool:
 
 def autocast_dtype(name: str, device: torch.device) -> torch.dtype | None:
     """``train.autocast`` on ``device`` -> the autocast dtype (None: full fp32). ``auto`` is bf16
-    where :func:`fast_bf16`, else none."""
+    where :func:`fast_bf16`, else none (and :class:`TrainStep` keeps fp32 for a model class that
+    sets ``bf16_pays = False``)."""
     if name not in AUTOCAST:
         raise ValueError(f"train.autocast={name!r}; choose one of: {', '.join(AUTOCAST)}")
     if name == "auto":
@@ -146,6 +147,8 @@ class TrainStep:
 
     def __init__(self, model: RankModel, t: TrainConfig, device: torch.device, data_parallel: bool = False):
         self.autocast = autocast_dtype(t.autocast, device)
+        if t.autocast == "auto" and not getattr(model, "bf16_pays", True):
+            self.autocast = None  # a model that measured slower in bf16 (class attribute bf16_pays)
         self.model, self.t, self.device = model, t, device
         self.optimizer = build_optimizer(model, t, sparse_grad=not data_parallel)
         self.emb_params = embedding_parameters(model) if t.emb_l2 > 0 else []
