@@ -62,7 +62,7 @@ TOGGLES = {"fused": ("fused", True), "layers": ("layers", True), "sparse": ("emb
 
 
 def variants(ablate: bool, extra: list[str]) -> dict[str, dict]:
-    """reference, fast, and with --ablate: reference + each default switch alone, fast + bf16 / nodrop
+    """reference, fast, and with --ablate: reference + each default switch alone, fast + nodrop
     (``extra`` adds named switches, e.g. compile; ``-name``: fast without that switch)."""
     out = {"reference": dict(REFERENCE), "fast": dict(FAST)}
     names = [n for n in TOGGLES if n != "compile"] if ablate else []  # compile: opt in, it is slow
@@ -181,7 +181,7 @@ def main() -> None:
     ap.add_argument("--block", type=int, default=5, help="steps per timed block")
     ap.add_argument("--rounds", type=int, default=4, help="timed blocks per variant (after one warm-up block)")
     ap.add_argument("--ablate", action="store_true", help="also each switch on its own")
-    ap.add_argument("--variants", default="", help="extra switches to measure, e.g. bf16,compile,nodrop; -layers = fast without layers")
+    ap.add_argument("--variants", default="", help="extra switches to measure, e.g. compile,nodrop; -layers = fast without layers")
     ap.add_argument("--profile", default="", help="folder for profiler tables of reference and fast")
     ap.add_argument("--profile-models", default="dnn,din,diffusiongs")
     ap.add_argument("--out", default="reports/bench/train.json")
