@@ -8,7 +8,8 @@ Setting (issue #9): 2 threads, batches of ~1,024 impressions (whole requests), h
 64, synthetic ``small`` (prepared into --data once if missing); DiffusionGS also at history
 1,000. Every variant (a set of switches) gets its own model and optimizer; variants run
 interleaved in blocks of --block steps, --rounds times, on the same batches, after a warm-up
-block, so machine load drifts hit every variant alike. A variant's figure is the median over
+block, each round starting at the next variant, so machine load drifts and the cost of following
+another variant's block hit every variant alike. A variant's figure is the median over
 rounds of impressions / wall time of its block, batch building included (that is what
 ``train.prefetch`` hides); impressions per process-CPU-second are reported beside it, as they
 suffer less when other processes share the cores. Compare ratios measured in one run; absolute
@@ -63,10 +64,14 @@ TOGGLES = {"fused": ("fused", True), "layers": ("layers", True), "sparse": ("emb
 
 def variants(ablate: bool, extra: list[str]) -> dict[str, dict]:
     """reference, fast, and with --ablate: reference + each default switch alone, fast + nodrop
-    (``extra`` adds named switches, e.g. compile; ``-name``: fast without that switch)."""
+    (``extra`` adds named switches, e.g. compile; ``-name``: fast without that switch; ``copy``: a
+    second fast variant, whose ratio to fast shows the run's noise)."""
     out = {"reference": dict(REFERENCE), "fast": dict(FAST)}
     names = [n for n in TOGGLES if n != "compile"] if ablate else []  # compile: opt in, it is slow
     for name in dict.fromkeys(names + extra):
+        if name == "copy":  # a second, identical fast variant: the noise floor of the comparison
+            out["fast-copy"] = dict(FAST)
+            continue
         if name.startswith("-"):  # the fast path without one switch: what that switch buys
             key = TOGGLES[name[1:]][0]
             out[f"fast{name}"] = {**FAST, key: REFERENCE[key]}
@@ -119,9 +124,13 @@ def bench_model(label: str, model_name: str, ds: SearchLogDataset, vs: dict[str,
         runners[name] = Runner(name, sw, model_name, ds, a.dim, a.threads)
         build_s[name] = time.perf_counter() - t0
         rates[name], cpu_rates[name] = [], []
+    names = list(runners)
     for r in range(a.rounds + 1):
         chunk = groups[r * a.block:(r + 1) * a.block]
-        for name, run in runners.items():
+        # each round starts at another variant: the block right after the reference path's ran
+        # ~30% slower on the loaded machine (a variant identical to "fast" measured x1.38 of it)
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            run = runners[name]
             n, s, c = run.block(chunk)
             if r == 0:
                 warm_s[name] = s  # includes torch.compile's compilation for compile variants
@@ -181,7 +190,8 @@ def main() -> None:
     ap.add_argument("--block", type=int, default=5, help="steps per timed block")
     ap.add_argument("--rounds", type=int, default=4, help="timed blocks per variant (after one warm-up block)")
     ap.add_argument("--ablate", action="store_true", help="also each switch on its own")
-    ap.add_argument("--variants", default="", help="extra switches to measure, e.g. compile,nodrop; -layers = fast without layers")
+    ap.add_argument("--variants", default="", help="extra switches to measure, e.g. compile,nodrop; -layers = fast without layers; "
+                    "copy = a second fast variant (the noise floor)")
     ap.add_argument("--profile", default="", help="folder for profiler tables of reference and fast")
     ap.add_argument("--profile-models", default="dnn,din,diffusiongs")
     ap.add_argument("--out", default="reports/bench/train.json")
