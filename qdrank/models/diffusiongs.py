@@ -186,9 +186,8 @@ class UserAwareDenoisingLayer(nn.Module):
         per-request coefficients: per head ``Q_h (K_h^T V_h / n)``, i.e. ``Q BD(M)`` with ``M = K^T V / n``
         [d, d] kept on its head blocks; the user gate scales columns; so the branch is
         ``x (W_q^T BD(M) diag(U) W_o^T) + (b_q BD(M) diag(U) W_o^T + b_o)``. The [d, d] matrix is
-        built once per request, so per token only K, V (one fused projection) and one [d, d]
-        product remain instead of four projections, the per-head products, head transposes and
-        the gate; the same function as the reference form (tests/test_speed.py). Used for histories
+        built once per request, so per token only the K and V projections and one [d, d] product
+        remain instead of four projections, the per-head products, head transposes and the gate; the same function as the reference form (tests/test_speed.py). Used for histories
         longer than the width, where it pays."""
         d = x.shape[-1]
         m = mask.unsqueeze(-1).to(x.dtype)

@@ -46,7 +46,7 @@ class Dropout(nn.Dropout):
         if not self.fast or x.device.type != "cpu" or self.p >= 1.0:
             return F.dropout(x, self.p, True)
         n = x.numel()
-        bits = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-(1 << 63), (1 << 63) - 1)
+        bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_(-(1 << 63), (1 << 63) - 1)
         cut = round(self.p * 65536) - 32768  # int16 values are uniform over [-32768, 32768)
         keep = bits.view(torch.int16)[:n].view(x.shape) >= cut
         return x * keep.to(x.dtype).mul_(1.0 / (1.0 - self.p))
