@@ -299,3 +299,17 @@ def test_every_neural_model_trains_with_the_listwise_term(name, tiny_dataset, ba
         first = parts["listwise"] if first is None else first
         last = parts["listwise"]
     assert math.isfinite(last) and last < first, (first, last)
+
+
+@pytest.mark.parametrize("name", ["dnn", "diffusiongs"])
+def test_cross_category_switch_drops_only_the_query_category_columns(name, tiny_dataset, batch):
+    _, ds = tiny_dataset
+    on, off = build(name, ds), build(name, ds, "model.cross_category=false")
+    assert off.cross_features.category_slots is None
+    assert on.cross_features.width == off.cross_features.width + on.cfg.dim
+    on.eval()
+    off.eval()
+    with torch.no_grad():   # same seed: every parameter but the head's is the same
+        x_on = on.head_input(on.encode_request(batch), batch)
+        x_off = off.head_input(off.encode_request(batch), batch)
+    torch.testing.assert_close(x_on[:, :x_off.shape[1]], x_off, atol=1e-6, rtol=0)
