@@ -21,10 +21,12 @@ from qdrank.data.features import FeatureMap
 from qdrank.models.layers import (
     CrossFeatures,
     FeatureEmbedder,
+    HeadPart,
     PositionBias,
+    Scaled,
     TwoTaskHead,
-    gather_rows,
     masked_mean,
+    materialize,
 )
 
 if TYPE_CHECKING:
@@ -164,9 +166,12 @@ class RankModel(nn.Module):
             state["x_hist"] = masked_mean(tokens, batch.hist_mask, 1)
         return state
 
-    def head_parts(self, state: RequestState, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> (request part [R, Dr], candidate part [N, Dc + cross]) of the head input."""
-        r = batch.cand_req
+    def head_parts(self, state: RequestState, batch: Batch) -> tuple[torch.Tensor, list[HeadPart]]:
+        """-> (request part [R, Dr], candidate part: its column blocks in order, Dc + cross columns).
+
+        Columns that are the candidate vector times a per-request vector stay unmaterialised
+        (:class:`~qdrank.models.layers.Scaled`): :func:`~qdrank.models.layers.materialize` gives
+        the [N, Dc] input, the head folds them at inference."""
         own = state.get("req")
         parts = [] if own is None else [own]
         if self._query_in_head:
@@ -176,21 +181,21 @@ class RankModel(nn.Module):
             raise ValueError(f"{type(self).__name__}: request part has {req.shape[-1]} columns, the head "
                              f"expects {self.head_widths[0]} (n_request_vectors={self._n_request_vectors})")
         c = self.candidate(batch)
-        cand = [c, *self.candidate_vectors(state, batch, c)]
+        cand: list[HeadPart] = [Scaled(c, None), *self.candidate_vectors(state, batch, c)]
         if self._interest:
-            cand.append(c * gather_rows(state["interest"], r))
+            cand.append(Scaled(c, state["interest"]))
         if self.cross_features is not None:
             cf = self.cross_features
             cat = (cf.category_vectors(self.emb.table, self.emb.item_sparse, batch.cand_item)
                    if cf.category_slots else None)
-            cand.append(cf(c, gather_rows(state["x_query"], r), gather_rows(state["x_hist"], r), self.overlap(batch),
-                           cf.history_match(batch, self.emb.item_sparse), cat))
-        return req, torch.cat(cand, -1)
+            cand += cf.parts(c, state["x_query"], state["x_hist"], self.overlap(batch),
+                             cf.history_match(batch, self.emb.item_sparse), cat)
+        return req, cand
 
     def head_input(self, state: RequestState, batch: Batch) -> torch.Tensor:
         """The concatenated head input [N, Dr + Dc] (reference form; :meth:`score` never builds it)."""
         req, cand = self.head_parts(state, batch)
-        return torch.cat([req[batch.cand_req], cand], -1)
+        return torch.cat([req[batch.cand_req], materialize(cand, batch.cand_req)], -1)
 
     def score(self, state: RequestState, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """(ctr_logit [N], cvr_logit [N]) of every candidate against its request's ``state``."""

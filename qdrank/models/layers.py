@@ -497,10 +497,18 @@ class CrossFeatures(nn.Module):
     item's id, brand, price... vectors, which blurs the query -> category affinity (the ``gbdt``
     baseline's strongest feature); on synthetic ``small`` DIN separated query-category matches from
     the rest at GAUC 0.87 without these columns, against gbdt's 1.00.
+
+    At inference (no autograd, not under an export trace; ``inference_fast``, default on) the history
+    matches are counted once per request: every (request, value) of its behaviours is counted,
+    recency-summed and counted per action once (a sort), and each candidate looks its values up,
+    instead of comparing every candidate with every behaviour ([N, L] per side feature). Counts are
+    identical, the recency shares equal up to float summation order; training keeps the reference form.
     """
 
     N_OVERLAP = 4
     ROLES = ("item", "candidate")
+    #: composite (request, value) keys: request * KEY_STRIDE + value (item rows and table ids are far below it)
+    KEY_STRIDE = 1 << 40
 
     def __init__(self, fmap: FeatureMap, dim: int, history: bool = True, category: bool = True):
         super().__init__()
@@ -517,6 +525,9 @@ class CrossFeatures(nn.Module):
         self.n_actions = n_act if n_act <= MAX_ACTIONS_SPLIT else 0
         self.action_offset = act.offset if act is not None else 0
         self.n_history = (2 + self.n_actions) * (1 + len(self.history_slots)) if history else 0
+        self.inference_fast = True  # per-request history matches at inference (see the class docstring)
+        self.register_buffer("single_slots", torch.tensor([s for s, w in self.history_slots if w == 1],
+                                                          dtype=torch.long), persistent=False)
         self.width = 2 * dim + self.N_OVERLAP + self.n_history + (dim if self.category_slots else 0)
         tables = [np.zeros((1, SIDE_VALUE_TOKENS), dtype=np.int64)]     # row 0: missing value
         n_rows = 1
@@ -564,6 +575,12 @@ class CrossFeatures(nn.Module):
         item, then on each item side feature."""
         if not self.n_history:
             return torch.zeros(batch.cand_item.shape[0], 0, device=batch.cand_item.device)
+        if self.inference_fast and not torch.is_grad_enabled() and not torch.jit.is_tracing():
+            return self.history_match_per_request(batch, item_sparse)
+        return self.history_match_reference(batch, item_sparse)
+
+    def history_match_reference(self, batch: Batch, item_sparse: torch.Tensor) -> torch.Tensor:
+        """The literal form: every candidate against every behaviour of its request, [N, L] per feature."""
         recency = history_recency(batch)[batch.cand_req]                            # [N, L]
         # both columns ~[0, 1]: the count on a log scale (a constant scale, so padding never changes a
         # score), and the recency-weighted share of the history that hits
@@ -592,6 +609,66 @@ class CrossFeatures(nn.Module):
         ids = item_sparse[items, s:s + w]
         return masked_mean(table(ids), ids > 0, 1)
 
+    def history_match_per_request(self, batch: Batch, item_sparse: torch.Tensor) -> torch.Tensor:
+        """:meth:`history_match_reference`, counted per request (no [N, L] comparison for single-valued
+        features; list features compare on the request grid, without copying the history per candidate)."""
+        hist, cand, cand_req = batch.hist_item, batch.cand_item, batch.cand_req
+        R, L = hist.shape
+        if L == 0:
+            return self.history_match_reference(batch, item_sparse)
+        mask = hist > 0
+        recency = history_recency(batch)                                            # [R, L]
+        total = recency.sum(-1).clamp_min(1e-6)[cand_req]                           # [N]
+        n_items, width = item_sparse.shape
+        # keys per behaviour and per candidate: the item row, then each single-valued side feature's id
+        # (shifted past the item rows; ids of different features never collide: one shared table)
+        single = self.single_slots
+        flat = item_sparse.reshape(-1)
+        h_side = flat[(hist * width).unsqueeze(-1) + single] + n_items              # [R, L, F-1]
+        c_side = flat[(cand * width).unsqueeze(-1) + single]                        # [N, F-1]
+        h_key = torch.cat([hist.unsqueeze(-1), h_side], -1)                         # [R, L, F]
+        c_key = torch.cat([cand.unsqueeze(-1), c_side + n_items], -1)               # [N, F]
+        c_ok = torch.cat([(cand > 1).unsqueeze(-1), c_side > 0], -1)                # known item / a value
+        stride = self.KEY_STRIDE
+        req = torch.arange(R, device=hist.device).mul_(stride)
+        h_key = torch.where(mask.unsqueeze(-1), h_key + req[:, None, None], -1)     # padding: no candidate's key
+        F_ = h_key.shape[-1]
+        keys, inv, counts = torch.unique(h_key.reshape(-1), return_inverse=True, return_counts=True)
+        weights = torch.zeros(keys.shape[0], dtype=recency.dtype, device=hist.device).index_add_(
+            0, inv, recency.unsqueeze(-1).expand(R, L, F_).reshape(-1))
+        c_key = c_key + req[cand_req].unsqueeze(-1)
+        pos = torch.searchsorted(keys, c_key).clamp_max(keys.shape[0] - 1)
+        hit = (keys[pos] == c_key) & c_ok                                          # [N, F]
+        count = torch.where(hit, counts[pos], 0).to(recency.dtype)
+        share = torch.where(hit, weights[pos], 0) / total.unsqueeze(-1)
+        groups = [torch.log1p(count).unsqueeze(-1) / HISTORY_COUNT_SCALE, share.unsqueeze(-1)]
+        actions = self.action_onehot(batch) if self.n_actions else None             # [R, L, A]
+        if actions is not None:  # hits per action type: the behaviours' one-hots summed per key
+            A = actions.shape[-1]
+            per_key = torch.zeros(keys.shape[0], A, dtype=recency.dtype, device=hist.device).index_add_(
+                0, inv, actions.unsqueeze(2).expand(R, L, F_, A).reshape(-1, A))
+            groups.append(torch.log1p(torch.where(hit.unsqueeze(-1), per_key[pos], 0)) / HISTORY_COUNT_SCALE)
+        cols = torch.cat(groups, -1)                                                # [N, F, 2 + A]
+        if len(single) == len(self.history_slots):
+            return cols.flatten(1)
+        out, k = [cols[:, 0]], 1  # list features: any shared value, on the request grid
+        s_ = request_slots(cand_req, R)
+        for start, w in self.history_slots:
+            if w == 1:
+                out.append(cols[:, k])
+                k += 1
+                continue
+            hv = item_sparse[hist, start:start + w]                                 # [R, L, W]
+            cv = to_slots(item_sparse[cand, start:start + w], s_)                   # [R, C, W]
+            eq = (hv[:, None, :, :, None] == cv[:, :, None, None, :]) & (cv > 0)[:, :, None, None, :]
+            m = (eq.flatten(-2).any(-1) & mask.unsqueeze(1)).to(recency.dtype)      # [R, C, L]
+            n = from_slots(m.sum(-1), s_)
+            wsum = from_slots(torch.bmm(m, recency.unsqueeze(-1)).squeeze(-1), s_)
+            out.append(torch.stack([torch.log1p(n) / HISTORY_COUNT_SCALE, wsum / total], -1))
+            if actions is not None:
+                out.append(torch.log1p(from_slots(torch.bmm(m, actions), s_)) / HISTORY_COUNT_SCALE)
+        return torch.cat(out, -1)
+
     def forward(self, c: torch.Tensor, q: torch.Tensor, h: torch.Tensor, overlap: torch.Tensor,
                 history: torch.Tensor | None = None, category: torch.Tensor | None = None) -> torch.Tensor:
         """c, q, h [N, d] (q and h already gathered to candidates), overlap [N, 4], history
@@ -602,6 +679,40 @@ class CrossFeatures(nn.Module):
         if self.category_slots:
             parts.append(category.to(c.dtype) * q)
         return torch.cat(parts, -1)
+
+    def parts(self, c: torch.Tensor, q: torch.Tensor, h: torch.Tensor, overlap: torch.Tensor,
+              history: torch.Tensor | None = None, category: torch.Tensor | None = None) -> list[HeadPart]:
+        """:meth:`forward`'s columns as head-input parts, with q and h per request ([R, d]): ``c * q``,
+        ``c * h`` and ``k * q`` stay unmaterialised (:class:`Scaled`), so an inference head folds them
+        into its first layer (:meth:`TwoTaskHead.forward_split`)."""
+        parts: list[HeadPart] = [Scaled(c, q), Scaled(c, h), overlap.to(c.dtype)]
+        if self.n_history:
+            parts.append(history.to(c.dtype))
+        if self.category_slots:
+            parts.append(Scaled(category.to(c.dtype), q))
+        return parts
+
+
+class Scaled(NamedTuple):
+    """Head-input columns ``c * s[cand_req]`` (``s`` None: ``c`` itself), not materialised.
+
+    Such columns enter the head's first layer linearly in ``c`` with a per-request scale, so at
+    inference ``W_k (c * s_r) = (W_k diag(s_r)) c``: the scales fold into one [H, d] weight per
+    request and the candidates need one [N, d] x [d, H] product for all of them together, instead of
+    gathering ``s`` per candidate and multiplying a [N, K * d] input."""
+
+    c: torch.Tensor              # [N, d]
+    s: torch.Tensor | None       # [R, d] per request, or None (the columns are c)
+
+
+HeadPart = torch.Tensor | Scaled
+
+
+def materialize(parts: list[HeadPart], cand_req: torch.Tensor) -> torch.Tensor:
+    """Head-input parts -> the concatenated candidate input [N, Dc] (the reference form)."""
+    cols = [p if isinstance(p, torch.Tensor) else (p.c if p.s is None else p.c * gather_rows(p.s, cand_req))
+            for p in parts]
+    return torch.cat(cols, -1)
 
 
 def split_linear(layer: nn.Linear, req: torch.Tensor, cand: torch.Tensor, cand_req: torch.Tensor) -> torch.Tensor:
@@ -614,29 +725,88 @@ def split_linear(layer: nn.Linear, req: torch.Tensor, cand: torch.Tensor, cand_r
     return gather_rows(F.linear(req, w[:, :k], layer.bias), cand_req) + F.linear(cand, w[:, k:])
 
 
+def folded_linear(layer: nn.Linear, req: torch.Tensor, parts: list[HeadPart], cand_req: torch.Tensor) -> torch.Tensor:
+    """``split_linear(layer, req, materialize(parts, cand_req), cand_req)`` with every :class:`Scaled`
+    part folded into a per-request weight (one product per candidate vector, see :class:`Scaled`).
+
+    Equal up to float summation order. One request (a served request) never gathers: its request
+    share is broadcast."""
+    w = layer.weight
+    k = req.shape[-1]
+    out_req = F.linear(req, w[:, :k], layer.bias)                              # [R, H]
+    plain, plain_w = [], []
+    groups: dict[int, tuple[torch.Tensor, list]] = {}
+    col = k
+    for p in parts:
+        x = p if isinstance(p, torch.Tensor) else p.c
+        wk = w[:, col:col + x.shape[-1]]
+        col += x.shape[-1]
+        if isinstance(p, torch.Tensor):
+            plain.append(p)
+            plain_w.append(wk)
+        else:
+            groups.setdefault(id(p.c), (p.c, []))[1].append((wk, p.s))
+    if col != w.shape[1]:
+        raise ValueError(f"head input has {col} columns, the layer expects {w.shape[1]}")
+    R = req.shape[0]
+    out = None
+    if plain:
+        out = F.linear(torch.cat(plain, -1) if len(plain) > 1 else plain[0],
+                       torch.cat(plain_w, 1) if len(plain_w) > 1 else plain_w[0])
+    for c, terms in groups.values():
+        m = None                                                                # [R, H, d]
+        for wk, s in terms:
+            t = wk.unsqueeze(0) if s is None else wk.unsqueeze(0) * s.unsqueeze(1)
+            m = t if m is None else m + t
+        if m.shape[0] != R:
+            m = m.expand(R, -1, -1)
+        y = F.linear(c, m[0]) if R == 1 else request_bmm(c.unsqueeze(1), m.transpose(1, 2), cand_req).squeeze(1)
+        out = y if out is None else out + y
+    if out is None:
+        return out_req[cand_req]
+    return out + (out_req if R == 1 else out_req[cand_req])
+
+
 class TwoTaskHead(nn.Module):
-    """Shared MLP trunk, then a CTR logit and a CVR logit."""
+    """Shared MLP trunk, then a CTR logit and a CVR logit.
+
+    ``inference_fast`` (default on): without autograd and outside an export trace,
+    :meth:`forward_split` folds per-request scaled candidate columns into the first layer
+    (:func:`folded_linear`); training and exports use the concatenated form."""
 
     def __init__(self, in_dim: int, hidden: tuple[int, ...], dropout: float):
         super().__init__()
         self.trunk = MLP(in_dim, hidden, dropout)
         self.ctr = nn.Linear(self.trunk.out_dim, 1)
         self.cvr = nn.Linear(self.trunk.out_dim, 1)
+        self.inference_fast = True
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The reference (concatenated) form: x [N, Dr + Dc]."""
         h = self.trunk(x)
         return self.ctr(h).squeeze(-1), self.cvr(h).squeeze(-1)
 
-    def forward_split(self, req: torch.Tensor, cand: torch.Tensor, cand_req: torch.Tensor
+    def forward_split(self, req: torch.Tensor, cand: torch.Tensor | list[HeadPart], cand_req: torch.Tensor
                       ) -> tuple[torch.Tensor, torch.Tensor]:
         """Equal to ``forward(cat([req[cand_req], cand], -1))``; the first layer's request share is
-        computed once per request (req [R, Dr]) and only the candidate share per candidate."""
+        computed once per request (req [R, Dr]) and only the candidate share per candidate. ``cand``
+        is the candidate input [N, Dc] or its parts (:class:`Scaled` parts folded at inference)."""
         layers = list(self.trunk)
-        if not layers:  # no hidden layer: the logits themselves are the first layer
+        first = layers[0] if layers else None
+        if isinstance(cand, list):
+            if self.inference_fast and not torch.is_grad_enabled() and not torch.jit.is_tracing():
+                if first is None:
+                    return (folded_linear(self.ctr, req, cand, cand_req).squeeze(-1),
+                            folded_linear(self.cvr, req, cand, cand_req).squeeze(-1))
+                h = folded_linear(first, req, cand, cand_req)
+                for m in layers[1:]:
+                    h = m(h)
+                return self.ctr(h).squeeze(-1), self.cvr(h).squeeze(-1)
+            cand = materialize(cand, cand_req)
+        if first is None:  # no hidden layer: the logits themselves are the first layer
             return (split_linear(self.ctr, req, cand, cand_req).squeeze(-1),
                     split_linear(self.cvr, req, cand, cand_req).squeeze(-1))
-        h = split_linear(layers[0], req, cand, cand_req)
+        h = split_linear(first, req, cand, cand_req)
         for m in layers[1:]:
             h = m(h)
         return self.ctr(h).squeeze(-1), self.cvr(h).squeeze(-1)
