@@ -164,3 +164,54 @@ def test_folded_first_layer_equals_concatenated(hidden):
         lin = torch.nn.Linear(4 + d + 3, 6)
         torch.testing.assert_close(folded_linear(lin, req[:1], [Scaled(c, s1[:1]), other], one), lin(x),
                                    atol=1e-5, rtol=1e-5)
+
+
+# ---- traced request encoder ------------------------------------------------------------------------
+def _model(model_name: str, ds) -> torch.nn.Module:
+    torch.manual_seed(0)
+    cfg = tiny_config(model_name, "model.dropout=0.0",
+                      *(("model.trees=40", "model.num_threads=1") if model_name == "gbdt" else ()))
+    model = model_class(model_name)(ds.fmap, cfg.model)
+    model.emb.set_item_tables(*ds.item_tables())
+    if not model.gradient_trained:
+        model.fit_data(ds)
+    return model.eval(), cfg
+
+
+@pytest.mark.parametrize("model_name", available_models())
+def test_traced_request_encoder_scores_as_eager(model_name, ds, tiny_data):
+    """``trace_encoder`` on (default) and off give the same logits, single requests and micro-batches;
+    the neural models of the benchmarks do run traced."""
+    model, cfg = _model(model_name, ds)
+    traced = Ranker(model, cfg, ds.fmap, ServingConfig.build())
+    eager = Ranker(model, cfg, ds.fmap, ServingConfig.build(trace_encoder=False))
+    assert eager.traced is None and eager.trace_status == "off"
+    assert traced.info()["serving"]["request_encoder"] == traced.trace_status
+    if model_name in ("dnn", "din", "diffusiongs", "ifusion"):
+        assert traced.trace_status == "traced" and traced.traced.batches, traced.trace_status
+    batches = [traced.encode(b).batch for b in _requests(ds.fmap, tiny_data)]
+    for b in [*batches, concat_batches(batches)]:
+        for x, y in zip(eager.logits(b), traced.logits(b)):
+            assert x.shape == y.shape and float((x - y).abs().max()) < 1e-5, model_name
+
+
+def test_an_encoder_that_branches_on_the_data_is_served_eagerly(ds, tiny_data):
+    """A Python branch on the history length is frozen by a trace; the probes catch it at load."""
+    from qdrank.models.dnn import DNN
+
+    class Branchy(DNN):
+        def encode(self, batch):
+            st = super().encode(batch)
+            if int(batch.hist_len.max()) > 2:  # the trace would keep whichever branch its example took
+                st["req"] = st["req"] * 2
+            return st
+
+    cfg = tiny_config("dnn")
+    model = Branchy(ds.fmap, cfg.model).eval()
+    model.emb.set_item_tables(*ds.item_tables())
+    r = Ranker(model, cfg, ds.fmap, ServingConfig.build())
+    assert r.traced is None and r.trace_status.startswith("eager (ValueError: the trace differs"), r.trace_status
+    ref = Ranker(model, cfg, ds.fmap, ServingConfig.build(trace_encoder=False))
+    for body in _requests(ds.fmap, tiny_data):
+        b = r.encode(body).batch
+        torch.testing.assert_close(r.logits(b)[0], ref.logits(b)[0], atol=0, rtol=0)
