@@ -215,3 +215,21 @@ def test_an_encoder_that_branches_on_the_data_is_served_eagerly(ds, tiny_data):
     for body in _requests(ds.fmap, tiny_data):
         b = r.encode(body).batch
         torch.testing.assert_close(r.logits(b)[0], ref.logits(b)[0], atol=0, rtol=0)
+
+
+def test_store_history_columns_equal_rows(tmp_path):
+    """The column read (what the encoder uses) holds what the per-behaviour dicts hold, features included."""
+    from qdrank.serving.store import HistoryStore
+
+    with HistoryStore(tmp_path / "s.sqlite") as st:
+        st.append([{"user_id": 7, "item_id": i, "timestamp": 100 + i % 5, "action": "click",
+                    "query": None if i % 3 == 0 else f"q{i}", **({"dwell": i} if i % 2 else {})}
+                   for i in range(40)])
+        for before, limit in ((1000, 25), (103, 100), (50, 10)):
+            rows = st.history(7, before, limit)
+            cols = st.history_columns(7, before, limit)
+            names = {k for r in rows for k in r} | {"item_id", "timestamp", "action", "query"}
+            assert set(cols) == names
+            for k in names:
+                assert cols[k] == [r.get(k) for r in rows], k
+        assert st.history_columns(7, 1000, 0)["item_id"] == []

@@ -223,7 +223,7 @@ class RankModel(nn.Module):
         if cf.has_tokens["candidate"]:
             text_c, side_c = cf.tokens("candidate", batch.cand_sparse)
             text_i, side_i = torch.cat([text_i, text_c], -1), torch.cat([side_i, side_c], -1)
-        return cf.overlap(batch.query[batch.cand_req], text_i, side_i)
+        return cf.overlap_request(batch.query, batch.cand_req, text_i, side_i)
 
     def train(self, mode: bool = True) -> RankModel:
         self._item_cache = None

@@ -570,12 +570,31 @@ class CrossFeatures(nn.Module):
         share = hit.sum(-1) / valid.sum(-1, keepdim=True).clamp_min(1)
         return torch.stack([share, hit.any(-1)], -1).flatten(1).float()
 
+    def _inference(self) -> bool:
+        return self.inference_fast and not torch.is_grad_enabled() and not torch.jit.is_tracing()
+
+    def overlap_request(self, query: torch.Tensor, cand_req: torch.Tensor, text: torch.Tensor,
+                        side: torch.Tensor) -> torch.Tensor:
+        """:meth:`overlap` with the query per request ([R, Q]). One request at inference: its query's
+        tokens (padding dropped) against every candidate, without a copy of the query per candidate."""
+        if query.shape[0] != 1 or not self._inference():
+            return self.overlap(query[cand_req], text, side)
+        q = query[0]
+        q = q[q > 0]                                                                # [Qv]
+        if not q.numel():
+            return text.new_zeros(text.shape[0], 4, dtype=torch.float32)
+        t = text.shape[-1]
+        eq = torch.cat([text, side], -1).unsqueeze(-1) == q                         # [N, Tt + Ts, Qv]
+        hit = torch.stack([eq[:, :t].any(1), eq[:, t:].any(1)], 1)                  # [N, 2, Qv]
+        share = hit.sum(-1) / q.new_full((1, 1), q.numel())
+        return torch.stack([share, hit.any(-1)], -1).flatten(1).float()
+
     def history_match(self, batch: Batch, item_sparse: torch.Tensor) -> torch.Tensor:
         """[N, n_history]: (log-scaled count, recency-weighted share) of history hits on the candidate's
         item, then on each item side feature."""
         if not self.n_history:
             return torch.zeros(batch.cand_item.shape[0], 0, device=batch.cand_item.device)
-        if self.inference_fast and not torch.is_grad_enabled() and not torch.jit.is_tracing():
+        if self._inference():
             return self.history_match_per_request(batch, item_sparse)
         return self.history_match_reference(batch, item_sparse)
 

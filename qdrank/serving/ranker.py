@@ -205,15 +205,35 @@ class RequestEncoder:
                           for v in col], dtype=np.float64)
         return standardize_numeric(f, x)
 
-    def role_rows(self, role: str, rows: list[dict[str, Any]], loc: tuple) -> tuple[np.ndarray, np.ndarray]:
-        """Rows of one role (context, candidates, behaviours, ...) -> (sparse ids, dense values), by column."""
-        n = len(rows)
+    def text_column(self, col: list, width: int) -> np.ndarray:
+        """Strings (a falsy value = no text) -> [n, width] token ids, each distinct string encoded once."""
+        distinct = dict.fromkeys(col)
+        pos = {v: i for i, v in enumerate(distinct)}
+        idx = np.fromiter(map(pos.__getitem__, col), dtype=np.int64, count=len(col))
+        zeros = np.zeros(width, dtype=np.int64)
+        table = np.stack([self.text(v, width) if v else zeros for v in distinct]) if distinct else zeros[None]
+        return table[idx]
+
+    def role_rows(self, role: str, rows: list[dict[str, Any]] | dict[str, list], loc: tuple
+                  ) -> tuple[np.ndarray, np.ndarray]:
+        """Rows of one role (context, candidates, behaviours, ...), as dicts or as columns (name -> values,
+        a missing name = no value) -> (sparse ids, dense values), by column."""
+        if isinstance(rows, dict):
+            n = len(next(iter(rows.values()))) if rows else 0
+
+            def column(name: str) -> list | None:
+                return rows.get(name)
+        else:
+            n = len(rows)
+
+            def column(name: str) -> list | None:
+                return list(map(dict.get, rows, repeat(name)))
         sp = np.zeros((n, self.n_slots[role]), dtype=np.int64)
         de = np.zeros((n, len(self.numeric[role])), dtype=np.float32)
         for f, start, width in self.sparse_layout[role]:
             name = f.name
-            col = list(map(dict.get, rows, repeat(name)))
-            if col.count(None) == n:
+            col = column(name)
+            if col is None or col.count(None) == n:
                 continue
             if f.type == "categorical":
                 sp[:, start] = self._cat_column(f, col, loc)
@@ -225,14 +245,12 @@ class RequestEncoder:
                             sp[i, start + j] = self._cat(f, x, (*_row_loc(loc, i), name))
             else:  # text
                 for i, v in enumerate(col):
-                    if v is None:
-                        continue
-                    if not isinstance(v, str):
+                    if v is not None and not isinstance(v, str):
                         raise RequestError((*_row_loc(loc, i), name), f"feature '{name}' is text: expected a string")
-                    sp[i, start:start + width] = self.text(v, width)
+                sp[:, start:start + width] = self.text_column(col, width)
         for j, f in enumerate(self.numeric[role]):
-            col = list(map(dict.get, rows, repeat(f.name)))
-            if col.count(None) != n:
+            col = column(f.name)
+            if col is not None and col.count(None) != n:
                 de[:, j] = self._num_column(f, col, loc)
         return sp, de
 
@@ -267,21 +285,25 @@ class RequestEncoder:
         ctx_sp, ctx_de = self.role_rows("context", [req["context"] or {}], ("body", "context"))
         query = self.text(req["query"], self.data_cfg.max_query_tokens)[None, :]
 
-        # history: strictly earlier than the request, most recent L, chronological
+        # history: strictly earlier than the request, most recent L, chronological; behaviours as dicts
+        # (inline) or as columns (the store's read: no dict per behaviour)
         inline = req["history"]
+        hist: list[dict[str, Any]] | dict[str, list]
         if inline is not None:
             source = "inline"
             tss = np.fromiter(map(itemgetter("timestamp"), inline), dtype=np.int64, count=len(inline))
             keep = np.flatnonzero(tss < ts)
             keep = keep[np.argsort(tss[keep], kind="stable")][-L:] if L > 0 else keep[:0]
             hist = [inline[i] for i in keep.tolist()]
+            n = len(hist)
         elif store is not None:
-            hist = store.history(user_id, ts, L)
+            hist = store.history_columns(user_id, ts, L)
             source = "store"
+            n = len(hist["item_id"])
         else:
             hist = []
             source = "none"
-        n = len(hist)
+            n = 0
         hist_item = np.zeros((1, L), dtype=np.int64)
         hist_sparse = np.zeros((1, L, self.n_slots["behavior"]), dtype=np.int64)
         hist_dense = np.zeros((1, L, len(self.numeric["behavior"])), dtype=np.float32)
@@ -290,16 +312,18 @@ class RequestEncoder:
         hist_age = np.zeros((1, L), dtype=np.float32)
         unknown_hist = 0
         if n:
-            rows = self.item_rows([h["item_id"] for h in hist])
+            if isinstance(hist, dict):
+                items, queries, times = hist["item_id"], hist["query"], hist["timestamp"]
+            else:
+                items, queries = [h["item_id"] for h in hist], [h.get("query") for h in hist]
+                times = [h["timestamp"] for h in hist]
+            rows = self.item_rows(items)
             unknown_hist = int((rows == 1).sum())
             hist_item[0, :n] = rows
             sp, de = self.role_rows("behavior", hist, ("body", "history"))
             hist_sparse[0, :n], hist_dense[0, :n] = sp, de
-            for j, h in enumerate(hist):
-                q = h.get("query")
-                if q:
-                    hist_query[0, j] = self.text(q, BEHAVIOR_QUERY_TOKENS)
-            gaps = ts - np.fromiter((h["timestamp"] for h in hist), dtype=np.int64, count=n)
+            hist_query[0, :n] = self.text_column(queries, BEHAVIOR_QUERY_TOKENS)
+            gaps = ts - np.fromiter(times, dtype=np.int64, count=n)
             hist_time[0, :n] = time_bucket(gaps, self.fmap.time_buckets)
             hist_age[0, :n] = np.maximum(gaps, 0)
 
