@@ -65,21 +65,26 @@ def rss_mb(pid: int) -> float:
     return total
 
 
-def cpu_s(pid: int) -> float:
-    """User + system CPU seconds of a process and its children (the workers)."""
-    total = 0
+def cpu_by_process(pid: int) -> dict[int, float]:
+    """User + system CPU seconds of a process and of each of its children (the workers)."""
     pids = [pid]
     try:
         pids += [int(x) for x in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
     except OSError:
         pass
+    out = {}
     for p in pids:
         try:
             f = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-            total += int(f[11]) + int(f[12])
+            out[p] = (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
         except (OSError, IndexError, ValueError):
             pass
-    return total / os.sysconf("SC_CLK_TCK")
+    return out
+
+
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process and its children (the workers)."""
+    return sum(cpu_by_process(pid).values())
 
 
 def http_request(path: str, body: bytes) -> bytes:
@@ -210,16 +215,24 @@ def main(argv=None) -> int:
                "threads_per_worker": a.threads, "cpu_count": os.cpu_count(),
                "load_avg_before": os.getloadavg(), "levels": []}
         for conc in (int(x) for x in a.concurrency.split(",")):
-            c0 = cpu_s(srv.pid)
+            c0, k0 = cpu_by_process(srv.pid), time.process_time()
             res = load(port, raw, n_req, conc, a.duration)
+            c1, k1 = cpu_by_process(srv.pid), time.process_time()
             # server CPU per request: on a shared machine, the capacity of idle cores is estimated
             # as (cores x 1000 / this) requests/s
-            res["server_cpu_ms_per_request"] = (cpu_s(srv.pid) - c0) * 1e3 / max(res["requests"], 1)
+            n = max(res["requests"], 1)
+            res["server_cpu_ms_per_request"] = (sum(c1.values()) - sum(c0.values())) * 1e3 / n
             res["idle_capacity_rps_estimate"] = a.workers * 1000 / max(res["server_cpu_ms_per_request"], 1e-9)
+            # the load generator's own CPU (it shares the cores), and how the work split over the workers
+            res["client_cpu_ms_per_request"] = (k1 - k0) * 1e3 / n
+            used = {p: c1[p] - c0.get(p, 0.0) for p in c1 if p != srv.pid}
+            res["worker_cpu_share"] = sorted((round(v / max(sum(used.values()), 1e-9), 3) for v in used.values()),
+                                             reverse=True)
             out["levels"].append(res)
             print(f"concurrency {conc:3d}: {res['ok']} ok, {res['errors']} errors, {res['throughput_rps']:.1f} req/s, "
                   f"p50 {res['p50_ms']:.1f} ms, p99 {res['p99_ms']:.1f} ms; server CPU "
-                  f"{res['server_cpu_ms_per_request']:.2f} ms/request", flush=True)
+                  f"{res['server_cpu_ms_per_request']:.2f} ms/request (workers {res['worker_cpu_share']}), "
+                  f"client CPU {res['client_cpu_ms_per_request']:.2f} ms/request", flush=True)
         before = rss_mb(srv.pid)
         res = load(port, raw, soak, 8, a.soak_duration)
         after = rss_mb(srv.pid)

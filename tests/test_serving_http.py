@@ -366,19 +366,55 @@ def test_connections_disable_nagle_even_on_uvicorns_multiworker_socket(monkeypat
         def get_extra_info(self, name):
             return self.sock if name == "socket" else None
 
-    with socket.socket(socket.AF_INET) as srv:  # as uvicorn.Config.bind_socket does
-        srv.bind(("127.0.0.1", 0))
-        srv.listen()
-        with socket.create_connection(srv.getsockname()) as _client:
-            conn, _ = srv.accept()
-            with conn:
-                assert conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 0
-                http_mod.NoDelayH11Protocol.__new__(http_mod.NoDelayH11Protocol).connection_made(Transport(conn))
-                assert conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    monkeypatch.setattr(HttpToolsProtocol, "connection_made", lambda self, transport: None)
+    for proto in (http_mod.NoDelayH11Protocol, http_mod.NoDelayHttpToolsProtocol):
+        with socket.socket(socket.AF_INET) as srv:  # as uvicorn.Config.bind_socket does
+            srv.bind(("127.0.0.1", 0))
+            srv.listen()
+            with socket.create_connection(srv.getsockname()) as _client:
+                conn, _ = srv.accept()
+                with conn:
+                    assert conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 0
+                    proto.__new__(proto).connection_made(Transport(conn))
+                    assert conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
 
     seen = {}
     for k in ("QDRANK_SERVE_CONFIG", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         monkeypatch.setenv(k, "")  # serve() sets them for its workers; restored after the test
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.update(kw))
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.update(kw, single=True))
+    monkeypatch.setattr(http_mod, "_serve_reuseport", lambda workers, kw: seen.update(kw, workers=workers))
     http_mod.serve(None, workers=2, worker_config={"run": "r", "overrides": {}})
-    assert seen["http"] == "qdrank.serving.http:NoDelayH11Protocol" and seen["workers"] == 2
+    assert seen["http"] == http_mod.HTTP_PROTOCOL == "qdrank.serving.http:NoDelayHttpToolsProtocol"
+    assert seen["workers"] == 2 and "single" not in seen and seen["loop"] == "uvloop"
+
+
+def test_reuseport_sockets_spread_connections_over_workers():
+    """Each worker listens on its own SO_REUSEPORT socket: new connections are spread over them
+    (uvicorn's one shared socket let the first worker to wake accept them all)."""
+    from qdrank.serving.http import reuseport_socket
+
+    port = free_port()
+    socks = [reuseport_socket("127.0.0.1", port) for _ in range(2)]
+    clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(16)]
+    try:
+        time.sleep(0.2)
+        counts = []
+        for s in socks:
+            s.setblocking(False)
+            n = 0
+            while True:
+                try:
+                    conn, _ = s.accept()
+                except BlockingIOError:
+                    break
+                conn.close()
+                n += 1
+            counts.append(n)
+        assert sum(counts) == 16 and min(counts) >= 1, counts
+    finally:
+        for c in clients:
+            c.close()
+        for s in socks:
+            s.close()
