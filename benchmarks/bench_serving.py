@@ -11,7 +11,8 @@ Without ``--run`` it prepares the tiny synthetic dataset and trains a short run 
 Measured, per (history H, candidates N): the user has H behaviours in the SQLite store; with
 ``--history-mode model`` (default) the serving ``max_history`` is H, so the model consumes H
 behaviours; with ``run`` it keeps the run's ``data.max_history`` (H only costs the store read).
-Also: single-step vs 50-step denoising (models whose config has ``denoise_steps``), and shared
+Also: the serving fast paths against their reference forms (``fast_vs_reference``, alternating
+call by call: the before/after ratio of this machine at this moment); single-step vs 50-step denoising (models whose config has ``denoise_steps``), and shared
 request encoding (R=1, N candidates) vs scoring every (user, candidate) pair as its own request
 (R=N requests of one candidate); a request with ``--inline-history`` behaviours in its body; 8
 requests scored in one forward (micro-batching) vs one by one. Per configuration the breakdown is
@@ -117,6 +118,53 @@ def per_pair_batch(b: Batch) -> Batch:
     return Batch(**rep)
 
 
+def fast_vs_reference(r: Ranker, base: Ranker, user: str, rng: np.random.Generator, repeats: int,
+                      budget: float) -> dict:
+    """``rank_bytes`` with the serving fast paths (traced request encoder, per-request history matches
+    and overlap, folded head) against the reference forms (eager encoder, ``inference_fast`` off),
+    alternating call by call so both see the same machine load; scores compared too."""
+    raws = [encode_json(make_request(base, user, 500, rng)) for _ in range(4)]
+    switches = [m for m in r.model.modules() if isinstance(getattr(m, "inference_fast", None), bool)]
+    traced = r.traced
+
+    def mode(fast: bool) -> None:
+        r.traced = traced if fast else None
+        for m in switches:
+            m.inference_fast = fast
+
+    res: dict = {"request_encoder": r.trace_status, "switches": len(switches)}
+    diffs = []
+    for raw in raws:
+        mode(False)
+        ref = r.rank(decode_json(raw))
+        mode(True)
+        got = r.rank(decode_json(raw))
+        a, b = ({c.item_id: c.score for c in x.candidates} for x in (ref, got))
+        diffs.append(max(abs(a[k] - b[k]) for k in a))
+    res["max_abs_score_diff"] = float(max(diffs))
+    times: dict[bool, list] = {True: [], False: []}
+    cpu: dict[bool, list] = {True: [], False: []}
+    t_end = time.perf_counter() + budget
+    for i in range(2 * repeats):
+        fast = i % 2 == 0
+        mode(fast)
+        t0, c0 = time.perf_counter(), time.thread_time()
+        rank_bytes(r, raws[i % 4])
+        cpu[fast].append((time.thread_time() - c0) * 1e3)
+        times[fast].append((time.perf_counter() - t0) * 1e3)
+        if time.perf_counter() > t_end and i >= 10:
+            break
+    mode(True)
+    for fast, key in ((True, "fast"), (False, "reference")):
+        a, c = np.array(times[fast]), np.array(cpu[fast])
+        res[key] = {"n": len(a), "p50_ms": float(np.percentile(a, 50)), "p99_ms": float(np.percentile(a, 99)),
+                    "mean_ms": float(a.mean()), "cpu_p50_ms": float(np.percentile(c, 50)),
+                    "cpu_p99_ms": float(np.percentile(c, 99)), "cpu_mean_ms": float(c.mean())}
+    res["speedup_p50"] = res["reference"]["p50_ms"] / res["fast"]["p50_ms"]
+    res["cpu_speedup_p50"] = res["reference"]["cpu_p50_ms"] / res["fast"]["cpu_p50_ms"]
+    return res
+
+
 def base_parser(doc: str) -> argparse.ArgumentParser:
     """Arguments every serving benchmark takes: which run (or a tiny model trained on the spot)."""
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -135,7 +183,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--repeats", type=int, default=0, help="default 200 (quick 30)")
     p.add_argument("--budget", type=float, default=20.0, help="seconds per configuration at most")
-    p.add_argument("--max-pairs", type=float, default=2e6, help="skip N*H above this (memory guard)")
+    p.add_argument("--max-pairs", type=float, default=2e7, help="skip N*H above this (memory guard)")
     p.add_argument("--inline-history", type=int, default=10_000, help="behaviours in a request body (0 = skip)")
     p.add_argument("--backend", choices=["torch", "onnx"], default="torch")
     p.add_argument("--skip-extra", action="store_true", help="only the latency grid (no denoise / per-pair)")
@@ -155,7 +203,7 @@ def main(argv=None) -> int:
                  "run_max_history": base.cfg.data.max_history, "history_mode": a.history_mode,
                  "threads": a.threads, "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
                                                    "python": sys.version.split()[0], "torch": torch.__version__},
-                 "latency": [], "denoise": None, "shared_encoding": None}
+                 "request_encoder": base.trace_status, "latency": [], "denoise": None, "shared_encoding": None}
     print(f"model {out['model']} ({sum(p.numel() for p in base.model.parameters()):,} parameters), "
           f"threads {a.threads}, history mode {a.history_mode}")
 
@@ -215,6 +263,15 @@ def main(argv=None) -> int:
                                  "rank_bytes": timed(lambda: rank_bytes(r, raw), repeats, a.budget)}
         print(f"inline history {a.inline_history:,} behaviours ({len(raw) / 1e6:.1f} MB body): "
               f"{fmt(out['inline_history']['rank_bytes'])}", flush=True)
+
+    # the serving fast paths against their reference forms, interleaved in this run (same requests)
+    h = min(100, max(hs))
+    r = ranker_for(h)
+    if r.onnx is None:
+        out["fast_vs_reference"] = fast_vs_reference(r, base, f"bench-user-{h}", rng, repeats, a.budget)
+        fr = out["fast_vs_reference"]
+        print(f"fast paths vs reference forms (history {h}, 500 candidates): {fmt(fr['fast'])} vs "
+              f"{fmt(fr['reference'])} (x{fr['cpu_speedup_p50']:.2f} in CPU time)", flush=True)
 
     # micro-batching: 8 requests in one forward vs one by one
     r = ranker_for(min(100, max(hs)))
