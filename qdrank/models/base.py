@@ -25,6 +25,7 @@ from qdrank.models.layers import (
     PositionBias,
     Scaled,
     TwoTaskHead,
+    gather_rows,
     masked_mean,
     materialize,
 )
@@ -209,7 +210,7 @@ class RankModel(nn.Module):
         if cache is None:
             return self.emb.candidate(batch)
         impression = self.emb.fields("candidate", batch.cand_sparse, batch.cand_dense).sum(-2)
-        return cache["vec"][batch.cand_item] + impression
+        return gather_rows(cache["vec"], batch.cand_item) + impression
 
     def overlap(self, batch: Batch) -> torch.Tensor:
         """Query-candidate token overlap [N, 4] (see :class:`CrossFeatures`)."""
@@ -219,7 +220,7 @@ class RankModel(nn.Module):
         if cache is None:
             text_i, side_i = cf.tokens("item", self.emb.item_sparse[batch.cand_item])
         else:
-            text_i, side_i = cache["text"][batch.cand_item], cache["side"][batch.cand_item]
+            text_i, side_i = gather_rows(cache["text"], batch.cand_item), gather_rows(cache["side"], batch.cand_item)
         if cf.has_tokens["candidate"]:
             text_c, side_c = cf.tokens("candidate", batch.cand_sparse)
             text_i, side_i = torch.cat([text_i, text_c], -1), torch.cat([side_i, side_c], -1)

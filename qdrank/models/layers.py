@@ -446,6 +446,12 @@ HISTORY_COUNT_SCALE = math.log1p(50)  # count column = log1p(hits) / this (1 = e
 #                                       50-behaviour window hits)
 
 
+def gather_rows(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``t[idx]`` for an integer index tensor of any shape, as one ``index_select`` (2-4x faster than
+    advanced indexing for the small gathers of a served request; same values)."""
+    return t.index_select(0, idx.reshape(-1)).view(*idx.shape, *t.shape[1:])
+
+
 def history_recency(batch: Batch, decay: float = HISTORY_DECAY) -> torch.Tensor:
     """[R, L] ``decay ** (number of later behaviours)``, 0 on padding (histories are left-aligned)."""
     L = batch.hist_item.shape[1]
@@ -637,14 +643,14 @@ class CrossFeatures(nn.Module):
             return self.history_match_reference(batch, item_sparse)
         mask = hist > 0
         recency = history_recency(batch)                                            # [R, L]
-        total = recency.sum(-1).clamp_min(1e-6)[cand_req]                           # [N]
+        total = gather_rows(recency.sum(-1).clamp_min(1e-6), cand_req)                           # [N]
         n_items, width = item_sparse.shape
         # keys per behaviour and per candidate: the item row, then each single-valued side feature's id
         # (shifted past the item rows; ids of different features never collide: one shared table)
         single = self.single_slots
         flat = item_sparse.reshape(-1)
-        h_side = flat[(hist * width).unsqueeze(-1) + single] + n_items              # [R, L, F-1]
-        c_side = flat[(cand * width).unsqueeze(-1) + single]                        # [N, F-1]
+        h_side = flat.take((hist * width).unsqueeze(-1) + single) + n_items              # [R, L, F-1]
+        c_side = flat.take((cand * width).unsqueeze(-1) + single)                        # [N, F-1]
         h_key = torch.cat([hist.unsqueeze(-1), h_side], -1)                         # [R, L, F]
         c_key = torch.cat([cand.unsqueeze(-1), c_side + n_items], -1)               # [N, F]
         c_ok = torch.cat([(cand > 1).unsqueeze(-1), c_side > 0], -1)                # known item / a value
@@ -655,18 +661,18 @@ class CrossFeatures(nn.Module):
         keys, inv, counts = torch.unique(h_key.reshape(-1), return_inverse=True, return_counts=True)
         weights = torch.zeros(keys.shape[0], dtype=recency.dtype, device=hist.device).index_add_(
             0, inv, recency.unsqueeze(-1).expand(R, L, F_).reshape(-1))
-        c_key = c_key + req[cand_req].unsqueeze(-1)
+        c_key = c_key + gather_rows(req, cand_req).unsqueeze(-1)
         pos = torch.searchsorted(keys, c_key).clamp_max(keys.shape[0] - 1)
-        hit = (keys[pos] == c_key) & c_ok                                          # [N, F]
-        count = torch.where(hit, counts[pos], 0).to(recency.dtype)
-        share = torch.where(hit, weights[pos], 0) / total.unsqueeze(-1)
+        hit = (keys.take(pos) == c_key) & c_ok                                          # [N, F]
+        count = torch.where(hit, counts.take(pos), 0).to(recency.dtype)
+        share = torch.where(hit, weights.take(pos), 0) / total.unsqueeze(-1)
         groups = [torch.log1p(count).unsqueeze(-1) / HISTORY_COUNT_SCALE, share.unsqueeze(-1)]
         actions = self.action_onehot(batch) if self.n_actions else None             # [R, L, A]
         if actions is not None:  # hits per action type: the behaviours' one-hots summed per key
             A = actions.shape[-1]
             per_key = torch.zeros(keys.shape[0], A, dtype=recency.dtype, device=hist.device).index_add_(
                 0, inv, actions.unsqueeze(2).expand(R, L, F_, A).reshape(-1, A))
-            groups.append(torch.log1p(torch.where(hit.unsqueeze(-1), per_key[pos], 0)) / HISTORY_COUNT_SCALE)
+            groups.append(torch.log1p(torch.where(hit.unsqueeze(-1), gather_rows(per_key, pos), 0)) / HISTORY_COUNT_SCALE)
         cols = torch.cat(groups, -1)                                                # [N, F, 2 + A]
         if len(single) == len(self.history_slots):
             return cols.flatten(1)
