@@ -29,7 +29,6 @@ from itertools import repeat
 from typing import Annotated, Any
 
 import msgspec
-import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
 from qdrank.data.features import NUMERIC_Z_CLIP  # one encoding of numerics for training and serving
@@ -208,9 +207,9 @@ def _column_ok(vals: list, kind: str) -> bool:
         return False
     if not types <= _SCALAR_TYPES:
         return False
-    if float in types:
-        f = np.fromiter((v for v in vals if type(v) is float), dtype=np.float64)
-        if not np.isfinite(f).all():
+    if float in types:  # C-level passes: a column of 500 prices costs ~10 us, not ~100
+        floats = vals if types == {float} else [v for v in vals if type(v) is float]
+        if not all(map(math.isfinite, floats)):
             return False
     if str in types and max(len(v) for v in vals if type(v) is str) > MAX_VALUE_CHARS:
         return False
