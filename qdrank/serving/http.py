@@ -25,6 +25,7 @@ import logging
 import math
 import os
 import socket
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -405,7 +406,6 @@ def _serve_reuseport(workers: int, opts: dict[str, Any]) -> None:
     """Start ``workers`` processes, each listening on its own SO_REUSEPORT socket; stop them together."""
     import signal
     import subprocess
-    import sys
     import time
 
     probe = reuseport_socket(opts["host"], opts["port"])  # the port is free (and ours): fail here, not N times
@@ -442,8 +442,7 @@ def _serve_reuseport(workers: int, opts: dict[str, Any]) -> None:
 def serve(ranker: Ranker | None = None, host: str = "127.0.0.1", port: int = 8000, log_level: str = "warning",
           workers: int = 1, worker_config: dict | None = None) -> None:
     """One process (``ranker``), or ``workers`` processes each loading ``worker_config`` (run, store,
-    overrides), each on its own SO_REUSEPORT socket where the platform has it (uvicorn's shared
-    socket otherwise)."""
+    overrides), each on its own SO_REUSEPORT socket on Linux (uvicorn's shared socket elsewhere)."""
     import uvicorn
 
     kw = uvicorn_options(host, port, log_level)
@@ -453,7 +452,7 @@ def serve(ranker: Ranker | None = None, host: str = "127.0.0.1", port: int = 800
     os.environ[ENV_CONFIG] = json.dumps(worker_config)
     for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):  # one thread per worker
         os.environ[k] = str(worker_config.get("overrides", {}).get("num_threads", 1) or 1)
-    if hasattr(socket, "SO_REUSEPORT"):
+    if sys.platform.startswith("linux") and hasattr(socket, "SO_REUSEPORT"):
         _serve_reuseport(workers, kw)
-    else:  # pragma: no cover - platforms without SO_REUSEPORT
+    else:  # pragma: no cover - elsewhere SO_REUSEPORT does not balance (BSD: the last socket takes all)
         uvicorn.run("qdrank.serving.http:app_from_env", factory=True, workers=workers, **kw)
