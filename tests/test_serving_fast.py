@@ -49,14 +49,8 @@ def _requests(fmap, tiny_data) -> list[dict]:
 
 @pytest.mark.parametrize("model_name", available_models())
 def test_fast_inference_equals_reference_for_every_model(model_name, ds, tiny_data):
-    torch.manual_seed(0)
-    cfg = tiny_config(model_name, "model.dropout=0.0",
-                      *(("model.trees=40", "model.num_threads=1") if model_name == "gbdt" else ()))
-    model = model_class(model_name)(ds.fmap, cfg.model)
-    model.emb.set_item_tables(*ds.item_tables())
-    if not model.gradient_trained:
-        model.fit_data(ds)
-    else:
+    model, cfg = _model(model_name, ds)
+    if model.gradient_trained:
         g = torch.Generator().manual_seed(1)
         with torch.no_grad():
             for p in model.parameters():

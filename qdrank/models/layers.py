@@ -813,20 +813,16 @@ class TwoTaskHead(nn.Module):
         is the candidate input [N, Dc] or its parts (:class:`Scaled` parts folded at inference)."""
         layers = list(self.trunk)
         first = layers[0] if layers else None
+        linear = split_linear
         if isinstance(cand, list):
             if self.inference_fast and not torch.is_grad_enabled() and not torch.jit.is_tracing():
-                if first is None:
-                    return (folded_linear(self.ctr, req, cand, cand_req).squeeze(-1),
-                            folded_linear(self.cvr, req, cand, cand_req).squeeze(-1))
-                h = folded_linear(first, req, cand, cand_req)
-                for m in layers[1:]:
-                    h = m(h)
-                return self.ctr(h).squeeze(-1), self.cvr(h).squeeze(-1)
-            cand = materialize(cand, cand_req)
+                linear = folded_linear
+            else:
+                cand = materialize(cand, cand_req)
         if first is None:  # no hidden layer: the logits themselves are the first layer
-            return (split_linear(self.ctr, req, cand, cand_req).squeeze(-1),
-                    split_linear(self.cvr, req, cand, cand_req).squeeze(-1))
-        h = split_linear(first, req, cand, cand_req)
+            return (linear(self.ctr, req, cand, cand_req).squeeze(-1),
+                    linear(self.cvr, req, cand, cand_req).squeeze(-1))
+        h = linear(first, req, cand, cand_req)
         for m in layers[1:]:
             h = m(h)
         return self.ctr(h).squeeze(-1), self.cvr(h).squeeze(-1)
