@@ -115,7 +115,7 @@ def test_history_match_list_features_on_the_request_grid(ds):
     cand = torch.tensor([3, 5, 1, 4, 9, 2, 5])
 
     hist_sparse = torch.zeros(R, L, fmap.n_slots("behavior"), dtype=torch.long)
-    hist_sparse[..., cf.action_slot] = cf.action_offset + torch.randint(0, cf.n_actions + 1, (R, L), generator=g)
+    hist_sparse[..., cf.action.slot] = cf.action.offset + torch.randint(0, cf.n_actions + 1, (R, L), generator=g)
 
     class B:  # the batch fields history_match reads
         hist_item, hist_len, cand_item = hist, lens, cand

@@ -468,6 +468,27 @@ def history_feature_match(batch: Batch, item_sparse: torch.Tensor, start: int, w
     return eq.any(-1).any(-1) & batch.hist_mask[batch.cand_req]
 
 
+class BehaviourActions(NamedTuple):
+    """Where the behaviours' ``action`` feature (click, cart, purchase...) sits in ``hist_sparse``."""
+
+    slot: int | None     # None: the data has no action feature
+    offset: int          # its OOV id; values are offset + 1 .. offset + n
+    n: int               # number of action types
+
+    @classmethod
+    def of(cls, fmap: FeatureMap) -> BehaviourActions:
+        act = fmap.features.get("action")
+        slot = next((s for f, s, _ in fmap.slot_layout("behavior") if f.name == "action"), None)
+        return cls(slot, act.offset if act is not None else 0, len(act.vocab) if act is not None and slot is not None else 0)
+
+    def ids(self, batch: Batch) -> torch.Tensor:
+        """[R, L] local action ids 1..n (0 = padding, unknown action or no action feature)."""
+        if self.slot is None:
+            return torch.zeros_like(batch.hist_item)
+        a = batch.hist_sparse[..., self.slot]
+        return torch.where(a > self.offset, a - self.offset, torch.zeros_like(a))
+
+
 class CrossFeatures(nn.Module):
     """The cross features of a candidate and its request, the same for every neural model.
 
@@ -519,11 +540,8 @@ class CrossFeatures(nn.Module):
         self.history_slots = ([(s, w) for f, s, w in fmap.slot_layout("item") if f.type in ("categorical", "list")
                                and f.name != "item_id" and len(f.vocab) <= MAX_SIDE_VOCAB] if history else [])
         # per action type (click, cart, purchase...): a purchase of the same brand says more than an impression
-        act = fmap.features.get("action")
-        self.action_slot = next((s for f, s, _ in fmap.slot_layout("behavior") if f.name == "action"), None)
-        n_act = len(act.vocab) if history and act is not None and self.action_slot is not None else 0
-        self.n_actions = n_act if n_act <= MAX_ACTIONS_SPLIT else 0
-        self.action_offset = act.offset if act is not None else 0
+        self.action = BehaviourActions.of(fmap)
+        self.n_actions = self.action.n if history and self.action.n <= MAX_ACTIONS_SPLIT else 0
         self.n_history = (2 + self.n_actions) * (1 + len(self.history_slots)) if history else 0
         self.inference_fast = True  # per-request history matches at inference (see the class docstring)
         self.register_buffer("single_slots", torch.tensor([s for s, w in self.history_slots if w == 1],
@@ -618,9 +636,7 @@ class CrossFeatures(nn.Module):
 
     def action_onehot(self, batch: Batch) -> torch.Tensor:
         """[R, L, n_actions] one-hot of each behaviour's action type (all 0 for padding / an unknown action)."""
-        a = batch.hist_sparse[..., self.action_slot] - self.action_offset
-        hit = (a.unsqueeze(-1) == torch.arange(1, self.n_actions + 1, device=a.device)) & batch.hist_mask.unsqueeze(-1)
-        return hit.float()
+        return F.one_hot(self.action.ids(batch), self.n_actions + 1)[..., 1:].float()
 
     def category_vectors(self, table: nn.Embedding, item_sparse: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         """[N, d] the embedding of each item's category value (mean over a list's values, 0 if none)."""
@@ -689,20 +705,9 @@ class CrossFeatures(nn.Module):
                 out.append(torch.log1p(from_slots(torch.bmm(m, actions), s_)) / HISTORY_COUNT_SCALE)
         return torch.cat(out, -1)
 
-    def forward(self, c: torch.Tensor, q: torch.Tensor, h: torch.Tensor, overlap: torch.Tensor,
-                history: torch.Tensor | None = None, category: torch.Tensor | None = None) -> torch.Tensor:
-        """c, q, h [N, d] (q and h already gathered to candidates), overlap [N, 4], history
-        [N, n_history], category [N, d] -> [N, width]."""
-        parts = [c * q, c * h, overlap.to(c.dtype)]
-        if self.n_history:
-            parts.append(history.to(c.dtype))
-        if self.category_slots:
-            parts.append(category.to(c.dtype) * q)
-        return torch.cat(parts, -1)
-
     def parts(self, c: torch.Tensor, q: torch.Tensor, h: torch.Tensor, overlap: torch.Tensor,
               history: torch.Tensor | None = None, category: torch.Tensor | None = None) -> list[HeadPart]:
-        """:meth:`forward`'s columns as head-input parts, with q and h per request ([R, d]): ``c * q``,
+        """The block's columns (class docstring) as head-input parts, with q and h per request ([R, d]): ``c * q``,
         ``c * h`` and ``k * q`` stay unmaterialised (:class:`Scaled`), so an inference head folds them
         into its first layer (:meth:`TwoTaskHead.forward_split`)."""
         parts: list[HeadPart] = [Scaled(c, q), Scaled(c, h), overlap.to(c.dtype)]

@@ -218,7 +218,7 @@ class GBDTFeatures(FittedBuffers):
         cols.append((weights * item_m).sum(-1))
         actions = None
         if self.split_actions:
-            a = self.hist.actions(batch)[req]
+            a = self.hist.action.ids(batch)[req]
             actions = torch.nn.functional.one_hot(a, self.hist.n_actions + 1)[..., 1:].float()
         cols += self._counts(item_m, actions)
         for _, s, w in self.hist.features:

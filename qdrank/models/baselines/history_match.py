@@ -19,7 +19,7 @@ from qdrank.data.batch import Batch
 from qdrank.data.dataset import SearchLogDataset
 from qdrank.data.features import FeatureMap
 from qdrank.models.baselines.common import Baseline, FittedBuffers, sparse_features
-from qdrank.models.layers import history_feature_match, history_item_match, history_recency
+from qdrank.models.layers import BehaviourActions, history_feature_match, history_item_match, history_recency
 
 PRIOR_STRENGTH = 20.0  # pseudo-candidates pulling a rare action's click rate to the overall rate
 
@@ -44,19 +44,10 @@ class HistoryMatcher(FittedBuffers):
         super().__init__()
         self.fmap, self.decay = fmap, decay
         self.features = sparse_features(fmap, "item")
-        act = fmap.features.get("action")
-        self.action_slot = next((s for f, s, _ in fmap.slot_layout("behavior") if f.name == "action"), None)
-        self.action_offset = act.offset if act is not None else 0
-        self.n_actions = len(act.vocab) if act is not None and self.action_slot is not None else 0
+        self.action = BehaviourActions.of(fmap)
+        self.n_actions = self.action.n
         # weight per action local id (0 = missing/unknown action, 1.. = vocab order)
         self.register_buffer("action_weight", torch.ones(self.n_actions + 1))
-
-    def actions(self, batch: Batch) -> torch.Tensor:
-        """[R, L] local action ids (0 = none/unknown)."""
-        if self.action_slot is None:
-            return torch.zeros_like(batch.hist_item)
-        a = batch.hist_sparse[..., self.action_slot]
-        return torch.where(a > self.action_offset, a - self.action_offset, torch.zeros_like(a))
 
     def recency(self, batch: Batch) -> torch.Tensor:
         """[R, L] decay ** (number of later behaviours), 0 on padding."""
@@ -72,7 +63,7 @@ class HistoryMatcher(FittedBuffers):
         total_c = total_n = 0.0
         for b, _ in batches:
             m = history_item_match(b)
-            a = self.actions(b)[b.cand_req]
+            a = self.action.ids(b)[b.cand_req]
             onehot = torch.zeros(m.shape[0], self.n_actions + 1, device=m.device)
             onehot.scatter_add_(1, torch.where(m, a, torch.zeros_like(a)), m.float())
             met = (onehot > 0).float()
@@ -88,7 +79,7 @@ class HistoryMatcher(FittedBuffers):
 
     def weighted(self, batch: Batch) -> torch.Tensor:
         """[N, L] recency x action weight of each behaviour, gathered to candidates."""
-        w = self.recency(batch) * self.action_weight[self.actions(batch)]
+        w = self.recency(batch) * self.action_weight[self.action.ids(batch)]
         return w[batch.cand_req]
 
 
