@@ -205,6 +205,10 @@ def from_dict(model_name: str, raw: dict) -> RunConfig:
     cfg.model = _apply(model_config_class(model_name)(), model_raw, "model")
     if cfg.train.lr_schedule not in LR_SCHEDULES:
         raise ConfigError(f"train.lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {cfg.train.lr_schedule!r}")
+    for key in ("cvr_weight", "listwise_weight"):   # a negative loss weight would train the model backwards
+        w = getattr(cfg.train, key)
+        if not 0 <= w < float("inf"):
+            raise ConfigError(f"train.{key} must be a finite number >= 0, got {w}")
     if len(cfg.data.split) != 3 or abs(sum(cfg.data.split) - 1) > 1e-6:
         raise ConfigError(f"data.split must be three fractions summing to 1, got {cfg.data.split}")
     return cfg

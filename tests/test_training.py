@@ -73,6 +73,8 @@ def test_unknown_set_key_is_an_error():
         build_config("dnn", overrides=["model.layerz=3"])
     with pytest.raises(ConfigError, match="train.lr: expected a number"):
         build_config("dnn", overrides=["train.lr=fast"])
+    with pytest.raises(ConfigError, match=r"train.listwise_weight must be a finite number >= 0, got -1"):
+        build_config("dnn", overrides=["train.listwise_weight=-1"])
     with pytest.raises(ValueError, match="unknown model 'nope'"):
         build_config("nope")
 
