@@ -383,7 +383,7 @@ def test_baseline_checkpoint_reloads_and_scores_identically(baseline_runs, tiny_
 def test_baseline_served_equals_evaluation(baseline_runs, tiny_data, tmp_path_factory, name):
     ranker = Ranker.load(baseline_runs[name], store=build_store(tmp_path_factory.getbasetemp(), tiny_data))
     ds = SearchLogDataset(tiny_data, ranker.cfg.data, fmap=ranker.fmap, log=lambda m: None)
-    pred = predict(ranker.model, ds, "test", 4096, torch.device("cpu"))  # candidates in logged order
+    pred = predict(ranker.model, ds, "test", 4096)  # candidates in logged order
     order = pd.read_parquet(tiny_data / "requests.parquet").sort_values("request_id")["request_id"].to_numpy()
     checked = 0
     for row in (920, 950, 990):

@@ -19,7 +19,6 @@ from qdrank.evaluation.metrics import compute_all, sigmoid
 from qdrank.models.base import RankModel
 from qdrank.serving.ranker import Ranker
 from qdrank.training.trainer import Trainer, add_embedding_l2, embedding_parameters, lr_factor
-from qdrank.utils.runtime import resolve_device
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +33,7 @@ def test_serving_family_scores_equal_ranker_rank(served, tiny_data):
     """For logged test requests, the serving family's scores are the CTRs `Ranker.rank` returns, and
     the serving metrics over those requests are the metrics of the Ranker's scores."""
     ranker, ds = served
-    pred = predict(ranker.model, ds, "test", 4096, resolve_device("cpu"))
+    pred = predict(ranker.model, ds, "test", 4096)
     order = pd.read_parquet(tiny_data / "requests.parquet").sort_values("request_id")["request_id"].to_numpy()
     test_ids = set(ds.request_id[ds.requests_of("test")].tolist())
     rows = [r for r in range(len(order)) if int(order[r]) in test_ids][:6]
@@ -67,7 +66,7 @@ def test_serving_family_scores_equal_ranker_rank(served, tiny_data):
 
 def test_evaluate_reports_both_families_oracle_and_true_rel(served):
     ranker, ds = served
-    m = evaluate(ranker.model, ds, "test", 4096, resolve_device("cpu"))
+    m = evaluate(ranker.model, ds, "test", 4096)
     for fam in ("serving", "as_shown"):
         assert 0 < m[f"{fam}_ctr_gauc"] < 1 and 0 < m[f"{fam}_ctr_auc"] < 1
         assert m[f"oracle_{fam}_ctr_gauc"] > 0.6
@@ -78,7 +77,7 @@ def test_evaluate_reports_both_families_oracle_and_true_rel(served):
     assert m["oracle_as_shown_ctr_auc"] > m["oracle_serving_ctr_auc"]
     assert selection_metric(m) == m["serving_ctr_gauc"]
     # the one-process path from raw predictions gives the same figures
-    pred = predict(ranker.model, ds, "test", 4096, resolve_device("cpu"))
+    pred = predict(ranker.model, ds, "test", 4096)
     m2 = metrics_from_predictions(ds, pred)
     assert set(m2) == set(m)
     for k in m:
@@ -100,7 +99,7 @@ class _ByLoggedPosition(RankModel):
 def test_model_reading_logged_position_is_as_shown_only(tiny_dataset):
     cfg, ds = tiny_dataset
     model = _ByLoggedPosition(ds.fmap, cfg.model)
-    m = evaluate(model, ds, "test", 4096, resolve_device("cpu"))
+    m = evaluate(model, ds, "test", 4096)
     assert not any(k.startswith("serving_") for k in m)
     assert m["as_shown_ctr_gauc"] > 0.55  # position predicts clicks on the simulated log
     assert "oracle_serving_ctr_gauc" in m  # the oracle is still shown in both families

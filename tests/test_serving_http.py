@@ -257,13 +257,20 @@ def test_undocumented_statuses_never_appear(server, tiny_data):
     assert 200 in seen and 422 in seen
 
 
-def test_concurrent_requests_are_micro_batched_with_the_same_scores(server, tiny_data):
+def test_concurrent_requests_are_micro_batched_with_the_same_scores(server, tiny_data, monkeypatch):
     from concurrent.futures import ThreadPoolExecutor
 
     client, ranker = server
     bodies = [request_body(tiny_data, 600 + 7 * i) for i in range(24)]
     expected = [{c.item_id: c.score for c in ranker.rank(b).candidates} for b in bodies]
     url = str(client.base_url)
+    rank_many = ranker.rank_many
+
+    def slow_rank_many(requests):  # a slow forward, as under load: the next requests queue behind it
+        time.sleep(0.03)           # (on a fast many-core machine they might otherwise never overlap)
+        return rank_many(requests)
+
+    monkeypatch.setattr(ranker, "rank_many", slow_rank_many)
 
     def post(b):
         with httpx.Client(base_url=url, timeout=60) as c:

@@ -166,7 +166,8 @@ def test_shuffle_is_seeded_and_matches_memory_when_one_buffer_holds_the_split(ti
 
 
 def test_run_from_shards_equals_run_from_directory(tiny_data, tmp_path):
-    cfg = tiny_config("dnn", "train.max_epochs=2", "train.max_steps_per_epoch=6", "model.dropout=0.0")
+    cfg = tiny_config("dnn", "train.max_epochs=2", "train.max_steps_per_epoch=6", "model.dropout=0.0",
+                      "train.device=cpu")  # compared bit for bit: CUDA's scatter-adds are not deterministic
     ds = SearchLogDataset(tiny_data, cfg.data, log=lambda m: None)
     shard_dir = _shards(tiny_data, tmp_path, cfg.data, rows_per_shard=10**6)
     sd = ShardedDataset(shard_dir, cfg.data, shuffle_buffer=10**6)  # one buffer: the in-memory order
@@ -209,7 +210,7 @@ def test_cli_shard_then_two_rank_torchrun_reads_own_shards(tiny_data, tmp_path):
     """`qdrank data shard` + `torchrun` 2 processes training from the shards; the 2-rank evaluation
     in result.json equals a 1-process `qdrank evaluate` of the same checkpoint."""
     small = ["data.max_history=20", "data.query_buckets=2000", "model.dim=16", "train.batch_size=512",
-             "train.progress=false", "train.max_epochs=1"]
+             "train.progress=false", "train.max_epochs=1", "train.device=cpu"]  # gloo: a 1-GPU machine has no 2 ranks
     sets = sum((["--set", s] for s in small), [])
     env = dict(os.environ, OMP_NUM_THREADS="1")
     shards = tmp_path / "shards"

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import tiny_config
 
 from qdrank.config import ConfigError, build_config
@@ -19,8 +20,10 @@ from qdrank.training import checkpoint as ckpt
 from qdrank.training.trainer import Trainer
 from qdrank.utils.runtime import resolve_device
 
+# CPU: these runs are compared bit for bit (CUDA's scatter-add kernels are not deterministic), and
+# the 2-rank run must not ask a one-GPU machine for two ranks
 SMALL = ["data.max_history=20", "data.query_buckets=2000", "model.dim=16", "train.batch_size=512",
-         "train.progress=false"]
+         "train.progress=false", "train.device=cpu"]
 
 
 def _cli(*args, env=None, **kw):
@@ -32,7 +35,7 @@ def test_same_seed_same_metrics_and_different_seed_differs(tiny_dataset, tmp_pat
     _, ds = tiny_dataset
     res = []
     for i, seed in enumerate([3, 3, 4]):
-        cfg = tiny_config("din", "train.max_epochs=2", f"train.seed={seed}")
+        cfg = tiny_config("din", "train.max_epochs=2", f"train.seed={seed}", "train.device=cpu")  # bit for bit
         res.append(Trainer(cfg, ds, tmp_path / f"r{i}").fit()["test"])
     assert res[0] == res[1]
     assert res[0]["serving_ctr_auc"] != res[2]["serving_ctr_auc"]
@@ -52,10 +55,10 @@ def test_checkpoint_round_trip_and_no_pickle(tiny_dataset, tmp_path):
     cfg = tiny_config("din", "train.max_epochs=1")
     tr = Trainer(cfg, ds, tmp_path / "r")
     tr.fit()
-    m1 = evaluate(tr.model, ds, "test", 4096, resolve_device("cpu"))
-    model, cfg2, fmap = ckpt.load_model(tmp_path / "r")
-    m2 = evaluate(model, ds, "test", 4096, resolve_device("cpu"))
-    assert m1 == m2 and cfg2.to_dict() == cfg.to_dict()
+    m1 = evaluate(tr.model, ds, "test", 4096)  # on the training device (CUDA where there is one)
+    model, cfg2, fmap = ckpt.load_model(tmp_path / "r")  # on the CPU
+    m2 = evaluate(model, ds, "test", 4096)
+    assert m1 == pytest.approx(m2, rel=1e-5, abs=1e-6, nan_ok=True) and cfg2.to_dict() == cfg.to_dict()
     files = sorted(p.name for p in (tmp_path / "r").iterdir())
     assert all(not f.endswith((".pt", ".pkl", ".bin")) for f in files), files
 
@@ -77,6 +80,28 @@ def test_unknown_set_key_is_an_error():
         build_config("dnn", overrides=["train.listwise_weight=-1"])
     with pytest.raises(ValueError, match="unknown model 'nope'"):
         build_config("nope")
+
+
+def test_device_choice_and_clear_errors(tiny_data, tmp_path, monkeypatch):
+    """``auto`` takes this rank's GPU; a device the machine lacks is one line naming it, with the fix."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert resolve_device("auto") == torch.device("cuda:0")
+    monkeypatch.setenv("LOCAL_RANK", "1")  # torchrun --nproc_per_node 2 on a 1-GPU machine
+    with pytest.raises(ValueError, match=r"cuda:1: this machine has 1 CUDA device.*--nproc_per_node at most 1"):
+        resolve_device("auto")
+    with pytest.raises(ValueError, match="expected auto, cpu, cuda or cuda:N"):
+        resolve_device("gpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu")
+    with pytest.raises(ValueError, match="torch sees no CUDA device"):
+        resolve_device("cuda")
+    monkeypatch.undo()
+    if not torch.cuda.is_available():  # the CLI shows it as one line, exit 2
+        r = _cli("train", "--data", str(tiny_data), "--model", "dnn", "--out", str(tmp_path / "r"),
+                 "--set", "train.device=cuda:3")
+        assert r.returncode == 2 and "torch sees no CUDA device" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_sigkill_then_resume_matches_uninterrupted(tiny_data, tmp_path):
@@ -125,7 +150,7 @@ def test_two_process_torchrun(tiny_data, tmp_path):
     from qdrank.data.dataset import SearchLogDataset
 
     ds = SearchLogDataset(tiny_data, cfg.data, fmap=fmap, log=lambda m: None)
-    one = evaluate(model, ds, "test", cfg.train.eval_batch_size, resolve_device("cpu"))
+    one = evaluate(model, ds, "test", cfg.train.eval_batch_size)
     two = res["test"]
     assert set(one) == set(two)
     for k, v in one.items():

@@ -35,12 +35,25 @@ def init_distributed(device: torch.device) -> DistContext:
 
 
 def resolve_device(name: str) -> torch.device:
+    """``auto``: this process's GPU (``LOCAL_RANK`` under torchrun) where CUDA is available, else the CPU.
+    A device this machine lacks is a ValueError naming it (shown as one line by the CLI)."""
     if name == "auto":
-        if torch.cuda.is_available():
-            local = int(os.environ.get("LOCAL_RANK", "0"))
-            return torch.device(f"cuda:{local}")
-        return torch.device("cpu")
-    return torch.device(name)
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        name = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"train.device={name!r}: expected auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"train.device={name}: torch sees no CUDA device here — use train.device=cpu or auto")
+        if (device.index or 0) >= count:
+            hint = (" — torchrun starts one process per GPU: --nproc_per_node at most "
+                    f"{count}, or --set train.device=cpu for CPU processes" if "LOCAL_RANK" in os.environ else "")
+            raise ValueError(f"device {name}: this machine has {count} CUDA device(s){hint}")
+    return device
 
 
 def seed_everything(seed: int) -> None:
