@@ -243,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--no-baselines", action="store_true", help="do not add the registered baselines")
     b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="applies to every model")
     b.add_argument("--no-search", action="store_true", help="skip the validation hyper-parameter search")
-    b.add_argument("--grid", help='search grid, e.g. "train.lr=0.001,0.003;train.listwise_weight=0,1" (the default)')
+    b.add_argument("--grid", help='search grid, e.g. "train.listwise_weight=0,1;model.position_bias=true,false" (the default)')
     b.add_argument("--base", default="dnn", help="RelaImpr base model")
     b.add_argument("--out", required=True)
     b.set_defaults(func=cmd_benchmark)

@@ -8,8 +8,10 @@ import math
 import numpy as np
 import pytest
 
+from qdrank.config import build_config
 from qdrank.evaluation.benchmark import (
     BASELINES,
+    DEFAULT_GRID,
     REPORT_SCHEMA,
     BenchmarkSpec,
     Variant,
@@ -31,6 +33,15 @@ def test_grid_points():
         {"train.lr": 1, "model.dropout": 0}, {"train.lr": 1, "model.dropout": 0.5},
         {"train.lr": 2, "model.dropout": 0}, {"train.lr": 2, "model.dropout": 0.5}]
     assert grid_points({"train.lr": [1, 2]}, False) == [{}]
+
+
+@pytest.mark.parametrize("point", grid_points(DEFAULT_GRID, True), ids=str)
+def test_default_grid_points_are_valid_settings(point):
+    """Every point of the default search reaches the config it names (a misspelt key would fail)."""
+    cfg = build_config("din", overrides=[f"{k}={v}" for k, v in point.items()])
+    for key, value in point.items():
+        section, name = key.split(".")
+        assert getattr(getattr(cfg, section), name) == value
 
 
 def test_benchmark_search_seeds_and_resume(tiny_data, tmp_path):
@@ -55,6 +66,12 @@ def test_benchmark_search_seeds_and_resume(tiny_data, tmp_path):
     assert saved["order"] == ["dnn", "din"] and saved["oracle"]["oracle_serving_ctr_gauc"] > 0.5
     assert set(saved["verdicts"]["pairwise"]["dnn"]) == {"din"}
     assert saved["verdicts"]["pairwise"]["dnn"]["din"]["n"] == 2
+    # simulated data: the same paired verdicts on NDCG@10 against true_rel, per seed
+    rel = saved["verdicts_rel_ndcg"]
+    assert rel["metric"] == "serving_rel_ndcg10" and rel["pairwise"]["dnn"]["din"]["n"] == 2
+    assert rel["pairwise"]["dnn"]["din"]["diffs"] == pytest.approx(np.subtract(
+        dnn["test"]["serving_rel_ndcg10"]["values"], payload["models"]["din"]["test"]["serving_rel_ndcg10"]["values"]))
+    assert "NDCG@10 against true_rel" in md and "score the same in both families" not in md
     # a second call redoes nothing: every result.json stays as it was
     results = sorted(out.glob("runs/*/*/seed*/result.json"))
     assert len(results) == 2 * (2 + 1)
@@ -91,6 +108,16 @@ def test_baselines_come_first_in_one_fixed_order():
 
     added = [v.model for v in ordered_variants(BenchmarkSpec(data=".", models=["dnn"]))]
     assert added[-1] == "dnn" and all(m in available_models() for m in added)
+
+
+def test_rows_trained_without_the_position_tower_are_named():
+    from qdrank.evaluation.benchmark import _has_position_tower
+
+    spec = BenchmarkSpec(data=".", models=[], overrides=["model.position_bias=false"])
+    assert not _has_position_tower(spec, {"chosen": {}})
+    assert _has_position_tower(spec, {"chosen": {"model.position_bias": True}})  # the search point wins
+    assert _has_position_tower(BenchmarkSpec(data=".", models=[]), {"chosen": {}, "overrides": []})
+    assert not _has_position_tower(BenchmarkSpec(data=".", models=[]), {"chosen": {"model.position_bias": False}})
 
 
 def _fake(kind, values, logged=False, best=(2, 3, 4), conv=(True, True, False)):

@@ -71,6 +71,27 @@ def test_bar_plot_writes_png(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["plot.png"]
 
 
+def test_serving_plot_adds_the_paired_panel_with_verdicts(tmp_path):
+    """With verdicts the figure gains a panel of paired differences (wider), a NaN interval included."""
+    from qdrank.evaluation.report import serving_plot
+
+    def row(kind, values):
+        return {"kind": kind, "uses_logged_position": False, "test": aggregate([{"g": v} for v in values], ["g"])}
+
+    models = {"gbdt": row("baseline", [0.70, 0.71]), "din": row("learned", [0.72, 0.73]),
+              "dnn": row("learned", [0.69, 0.70])}
+    verdicts = {"best_baseline": "gbdt", "vs_best_baseline": {
+        "din": {"diff_mean": 0.02, "ci_low": 0.01, "ci_high": 0.03, "verdict": "wins"},
+        "dnn": {"diff_mean": -0.01, "ci_low": float("nan"), "ci_high": float("nan"), "verdict": "ties"}}}
+    plain = serving_plot(models, "g", tmp_path / "a.png", "t", reference=0.8)
+    panel = serving_plot(models, "g", tmp_path / "b.png", "t", reference=0.8, verdicts=verdicts)
+
+    def width(p):  # PNG IHDR: big-endian width at bytes 16..20
+        return int.from_bytes(Path(p).read_bytes()[16:20], "big")
+
+    assert Path(panel).read_bytes().startswith(PNG_MAGIC) and width(panel) > width(plain)
+
+
 def test_write_report_json_md_png(tmp_path):
     rows = _rows()
     payload = {"rows": rows, "x": np.float32(1.5), "n": np.int64(3), "arr": np.array([1.0, np.nan]),

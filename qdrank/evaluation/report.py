@@ -152,13 +152,19 @@ def family_rows(name: str, m: Mapping[str, Any]) -> tuple[list[dict], list[tuple
 # --------------------------------------------------------------------------- plots
 
 
+VERDICT_COLOURS = {"wins": "tab:green", "loses": "tab:red", "ties": "0.45"}
+
+
 def serving_plot(models: Mapping[str, Mapping[str, Any]], metric: str, path: str | Path, title: str,
-                 reference: float | None = None) -> Path:
+                 reference: float | None = None, verdicts: Mapping[str, Any] | None = None) -> Path:
     """One bar per model: mean of ``metric`` over seeds, std error bar and every seed as a dot.
 
     ``models`` is the benchmark's ``per_model`` (``{"kind", "uses_logged_position", "test":
     {metric: aggregate}}``); baselines are grey and hatched, a model without the metric's family
-    shows "n/a"; ``reference`` (the oracle) is a dashed line.
+    shows "n/a"; ``reference`` (the oracle) is a dashed line. With ``verdicts`` (the benchmark's
+    :func:`compute_verdicts`), a second panel shows each learned model's paired difference to the
+    best baseline with its 95% interval: the differences that decide a verdict are often too small
+    to see on the bars.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -166,9 +172,14 @@ def serving_plot(models: Mapping[str, Mapping[str, Any]], metric: str, path: str
 
     path = Path(path)
     names = list(models)
-    fig = Figure(figsize=(max(4.0, 0.62 * len(names) + 1.6), 4.4), dpi=120)
+    paired = dict((verdicts or {}).get("vs_best_baseline") or {})
+    width = max(4.0, 0.62 * len(names) + 1.6)
+    fig = Figure(figsize=(width + (3.6 if paired else 0.0), 4.4), dpi=120)
     FigureCanvasAgg(fig)
-    ax = fig.subplots()
+    if paired:
+        ax, ax_diff = fig.subplots(1, 2, gridspec_kw={"width_ratios": [width, 3.6]})
+    else:
+        ax, ax_diff = fig.subplots(), None
     lo_vals: list[float] = []
     hi_vals: list[float] = []
     for i, name in enumerate(names):
@@ -184,14 +195,18 @@ def serving_plot(models: Mapping[str, Mapping[str, Any]], metric: str, path: str
                edgecolor="0.35", capsize=3, zorder=2)
         seeds = [v for v in agg.get("values", []) if v is not None and not math.isnan(_as_float(v))]
         ax.scatter([i] * len(seeds), seeds, s=9, color="black", zorder=3)
-        ax.annotate(f"{mean:.4f}", xy=(i, mean + std), xytext=(0, 3), textcoords="offset points", ha="center",
-                    va="bottom", fontsize=7, rotation=90 if len(names) > 6 else 0, zorder=4)
+        top = max([mean + std, *seeds])  # above the error bar and every seed's dot
+        ax.annotate(f"{mean:.4f}", xy=(i, top), xytext=(0, 4), textcoords="offset points", ha="center",
+                    va="bottom", fontsize=7, rotation=90 if len(names) > 6 else 0, zorder=4,
+                    bbox={"boxstyle": "square,pad=0.1", "facecolor": "white", "edgecolor": "none", "alpha": 0.8})
         lo_vals += [mean - std, *seeds]
         hi_vals += [mean + std, *seeds]
+    handles = [Patch(facecolor="0.75", hatch="//", edgecolor="0.35", label="baseline"),
+               Patch(facecolor="tab:blue", edgecolor="0.35", label="learned model")]
     if reference is not None and not math.isnan(_as_float(reference)):
-        ax.axhline(float(reference), color="0.2", linestyle="--", linewidth=1.2, zorder=1)
-        ax.annotate(f"oracle {float(reference):.4f}", xy=(1.0, float(reference)), xycoords=("axes fraction", "data"),
-                    xytext=(-2, 3), textcoords="offset points", ha="right", fontsize=8)
+        # named in the legend, not beside the line, where it would cover the bars' labels
+        handles.append(ax.axhline(float(reference), color="0.2", linestyle="--", linewidth=1.2, zorder=1,
+                                  label=f"oracle {float(reference):.4f}"))
         lo_vals.append(float(reference))
         hi_vals.append(float(reference))
     if lo_vals:
@@ -204,15 +219,38 @@ def serving_plot(models: Mapping[str, Mapping[str, Any]], metric: str, path: str
     ax.set_ylabel(metric)
     ax.grid(axis="y", linestyle=":", linewidth=0.6, zorder=0)
     ax.spines[["top", "right"]].set_visible(False)
-    ax.legend(handles=[Patch(facecolor="0.75", hatch="//", edgecolor="0.35", label="baseline"),
-                       Patch(facecolor="tab:blue", edgecolor="0.35", label="learned model")],
-              fontsize=8, loc="upper left")
+    ax.legend(handles=handles, fontsize=8, loc="upper left")
     ax.set_title(title, fontsize=10)
+    if ax_diff is not None:
+        _paired_panel(ax_diff, paired, str(verdicts.get("best_baseline")))
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120)
     atomic_write_bytes(path, buf.getvalue())
     return path
+
+
+def _paired_panel(ax, paired: Mapping[str, Mapping[str, Any]], baseline: str) -> None:
+    """Each model's mean paired difference to ``baseline`` with its 95% interval, coloured by verdict."""
+    names = list(paired)[::-1]  # the first model on top
+    for y, name in enumerate(names):
+        c = paired[name]
+        mean, lo, hi = (_as_float(c.get(k)) for k in ("diff_mean", "ci_low", "ci_high"))
+        colour = VERDICT_COLOURS.get(str(c.get("verdict")), "0.45")
+        if not (math.isnan(lo) or math.isnan(hi)):
+            ax.plot([lo, hi], [y, y], color=colour, linewidth=2.2, solid_capstyle="butt")
+        ax.plot([mean], [y], "o", color=colour, markersize=5)
+        ax.annotate(str(c.get("verdict")), xy=(mean, y), xytext=(0, 5), textcoords="offset points",
+                    ha="center", fontsize=7, color=colour)
+    ax.axvline(0.0, color="0.2", linewidth=1.0, linestyle="--")
+    ax.set_yticks(range(len(names)))
+    ax.set_yticklabels(names, fontsize=8)
+    ax.set_ylim(-0.7, len(names) - 0.3)
+    ax.set_xlabel(f"paired difference to {baseline} (95% CI)", fontsize=8)
+    ax.tick_params(axis="x", labelsize=7)
+    ax.grid(axis="x", linestyle=":", linewidth=0.6)
+    ax.spines[["top", "right"]].set_visible(False)
+    ax.set_title(f"vs best baseline ({baseline})", fontsize=9)
 
 
 def _mean_std(v: Any) -> tuple[float, float]:
