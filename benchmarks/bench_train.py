@@ -27,7 +27,7 @@ Switches (reference value -> fast value):
             matmuls, as on this CPU: AVX-512 BF16; the default)
   compile   ``train.compile``: False -> True (measured, off by default; compile time reported)
   trim      ``TrainStep.trim``: history columns that are padding in every request of the batch
-            dropped before the step (``trainer.trim_history``; the same function) (False -> True)
+            dropped before the step (``qdrank.data.batch.trim_history``; the same function) (False -> True)
   nodrop    ``model.dropout``: configured -> 0 (measured, not a default: it changes the model)
 """
 

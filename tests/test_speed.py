@@ -505,7 +505,7 @@ def test_autocast_auto_skips_a_model_that_measured_slower(tiny_dataset):
 def test_trimmed_history_is_the_same_function(tiny_dataset, name):
     """Every model: a batch without its all-padding history columns (TrainStep's trim_history)
     scores as the full batch (eval mode, logits and the loss's gradients)."""
-    from qdrank.training.trainer import trim_history
+    from qdrank.data.batch import trim_history
 
     _, ds = tiny_dataset
     model = build_model(tiny_config(name, "model.dropout=0", "data.max_history=60"), ds)
@@ -530,3 +530,27 @@ def test_trimmed_history_is_the_same_function(tiny_dataset, name):
     torch.testing.assert_close(outs[1][0], outs[0][0], rtol=1e-5, atol=1e-5)
     for k, g in outs[0][1].items():
         torch.testing.assert_close(outs[1][1][k], g, rtol=1e-4, atol=1e-6, msg=k)
+
+
+def test_evaluation_trims_history_and_keeps_its_metrics(tiny_data, monkeypatch):
+    """Evaluation drops all-padding history columns (with the oracle columns riding along) and
+    gets the metrics of the untrimmed batches."""
+    import qdrank.evaluation.evaluate as ev
+    from qdrank.data.dataset import SearchLogDataset
+
+    cfg = tiny_config("din", "model.dropout=0", "data.max_history=200")
+    ds = SearchLogDataset(tiny_data, cfg.data, log=lambda m: None)
+    model = build_model(cfg, ds)
+    widths = []
+    real = ev.trim_history
+
+    def spy(b, extra_ok=False):
+        out = real(b, extra_ok)
+        widths.append((b.hist_item.shape[1], out.hist_item.shape[1]))
+        return out
+
+    monkeypatch.setattr(ev, "trim_history", spy)
+    trimmed = ev.evaluate(model, ds, "test", 256)
+    assert widths and all(w < full for full, w in widths)  # every batch trimmed, oracle columns or not
+    monkeypatch.setattr(ev, "trim_history", lambda b, extra_ok=False: b)
+    assert trimmed == pytest.approx(ev.evaluate(model, ds, "test", 256), rel=1e-5, abs=1e-6, nan_ok=True)

@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from qdrank.data.batch import trim_history
 from qdrank.data.dataset import SearchLogDataset
 from qdrank.data.shards import ShardedDataset
 from qdrank.evaluation.metrics import GradedRankingMetrics, RankingMetrics, SumState, logit
@@ -185,6 +186,8 @@ def _batches(model: RankModel, ds, split: str, batch_size: int, ctx: DistContext
     """Batches of ``split`` for this rank, with the oracle columns as batch inputs."""
     extra = tuple(dict.fromkeys(model.extra_inputs + tuple(ds.oracle_columns)))
     batches = ds.iter_batches(split, batch_size, rank=ctx.rank, world=ctx.world, extra_inputs=extra)
+    if not model.extra_inputs:  # the oracle columns are per candidate: trimming leaves them alone
+        batches = map(lambda b: trim_history(b, extra_ok=True), batches)
     # disable=None: no per-batch bar when stderr is not a terminal (logs get the epoch lines only)
     return tqdm(batches, desc=f"{desc} {split}", disable=None if progress else True, leave=False)
 

@@ -26,6 +26,7 @@ from qdrank.config import ModelConfig
 from qdrank.data.batch import Batch
 from qdrank.data.features import FeatureMap
 from qdrank.models.base import RankModel, RequestState
+from qdrank.models.layers import Dropout
 from qdrank.models.transformer import TransformerBlock, causal_mask
 
 
@@ -51,7 +52,7 @@ class SASRec(RankModel):
         self.max_len = cfg.max_len
         self.pos = nn.Embedding(cfg.max_len, d)
         nn.init.normal_(self.pos.weight, std=0.02)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(TransformerBlock(d, cfg.heads, cfg.dropout) for _ in range(cfg.layers))
         self.ln = nn.LayerNorm(d)
         self.build_extra(cfg)

@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from qdrank.models.layers import Dropout
+
 
 def masked_softmax(logits: torch.Tensor, mask: torch.Tensor, dim: int = -1) -> torch.Tensor:
     """Softmax over ``dim`` restricted to ``mask``; rows with no valid entry give all zeros."""
@@ -37,7 +39,7 @@ class MultiHeadAttention(nn.Module):
         self.k = nn.Linear(dim, dim)
         self.v = nn.Linear(dim, dim)
         self.out = nn.Linear(dim, dim)
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
 
     def forward(self, q: torch.Tensor, kv: torch.Tensor, mask: torch.Tensor,
                 bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -73,9 +75,9 @@ class TransformerBlock(nn.Module):
         self.ln1 = nn.LayerNorm(dim)
         self.attn = MultiHeadAttention(dim, heads, dropout)
         self.ln2 = nn.LayerNorm(dim)
-        self.ff = nn.Sequential(nn.Linear(dim, ff_mult * dim), nn.GELU(), nn.Dropout(dropout),
+        self.ff = nn.Sequential(nn.Linear(dim, ff_mult * dim), nn.GELU(), Dropout(dropout),
                                 nn.Linear(ff_mult * dim, dim))
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """x [B, L, d], mask [B, L, L] (see :func:`causal_mask`) -> [B, L, d]."""

@@ -8,7 +8,6 @@ resumed from the state saved after epoch k continues exactly as the uninterrupte
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import json
 import math
@@ -20,7 +19,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from qdrank.config import RunConfig, TrainConfig
-from qdrank.data.batch import Batch
+from qdrank.data.batch import Batch, trim_history
 from qdrank.data.dataset import SearchLogDataset
 from qdrank.data.shards import ShardedDataset
 from qdrank.evaluation.evaluate import evaluate, format_families, selection_metric
@@ -118,27 +117,6 @@ def autocast_dtype(name: str, device: torch.device) -> torch.dtype | None:
     if name == "auto":
         return torch.bfloat16 if fast_bf16(device) else None
     return AUTOCAST[name]
-
-
-TRIM_MIN_SHARE = 0.75  # trim only when at most this share of the history columns is kept
-HISTORY_FIELDS = ("hist_item", "hist_sparse", "hist_dense", "hist_query", "hist_time", "hist_age")
-
-
-def trim_history(b: Batch) -> Batch:
-    """``b`` without the history columns that are padding in every request (histories are
-    left-aligned, so those beyond the batch's longest history). Every model is invariant to
-    padding columns (tests/test_speed.py), so this is the same function on less work: at
-    ``data.max_history=1000`` on synthetic ``small`` a batch's longest history is ~300-420, and
-    every per-token layer ran on ~3x more padding than behaviours. Only when at most
-    ``TRIM_MIN_SHARE`` of the columns are kept; a batch with registered extra inputs (whose layout
-    is the model's own) is left as it is."""
-    L = b.hist_item.shape[1]
-    if b.extra or L == 0:
-        return b
-    width = max(int(b.hist_len.max()), 1) if b.hist_len.numel() else 1
-    if width > TRIM_MIN_SHARE * L:  # a few columns less do not pay for the copies (DNN at history 50: x0.9)
-        return b
-    return dataclasses.replace(b, **{f: getattr(b, f)[:, :width].contiguous() for f in HISTORY_FIELDS})
 
 
 class TrainStep:
