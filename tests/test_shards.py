@@ -19,6 +19,8 @@ from qdrank.data.batch import Batch
 from qdrank.data.dataset import SearchLogDataset
 from qdrank.data.schema import DatasetError, write_dataset
 from qdrank.data.shards import ShardedDataset, open_dataset, write_shards
+from qdrank.evaluation.benchmark import BASELINES
+from qdrank.models.registry import available_models, model_class
 from qdrank.training.trainer import Trainer
 
 ORACLE = ("true_ctr", "true_cvr")
@@ -180,6 +182,41 @@ def test_run_from_shards_equals_run_from_directory(tiny_data, tmp_path):
     assert "oracle_as_shown_ctr_auc" in res_b["test"]
     assert isinstance(open_dataset(shard_dir, cfg.data), ShardedDataset)
     assert isinstance(open_dataset(tiny_data, cfg.data, log=lambda m: None), SearchLogDataset)
+
+
+def _assert_close_tree(a, b) -> None:
+    if isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for k in a:
+            _assert_close_tree(a[k], b[k])
+    else:
+        assert a == pytest.approx(b, rel=1e-6)
+
+
+@pytest.fixture(scope="module")
+def baseline_shards(tiny_data, tmp_path_factory):
+    cfg = tiny_config("popularity")
+    return _shards(tiny_data, tmp_path_factory.mktemp("bshards"), cfg.data, rows_per_shard=10**6)
+
+
+@pytest.mark.parametrize("name", [b for b in BASELINES if b in available_models()])
+def test_baselines_fit_from_shards_as_from_the_folder(name, tiny_data, baseline_shards, tmp_path):
+    """Every baseline that streams fits from shards to the metrics of its in-memory fit; one that
+    needs the rows in memory (gbdt's out-of-fold statistics) is refused by name."""
+    cfg = tiny_config(name)
+    sd = ShardedDataset(baseline_shards, cfg.data)
+    if model_class(name).in_memory_only:
+        with pytest.raises(ValueError, match=f"model '{name}' is fitted from a dataset loaded in memory"):
+            Trainer(cfg, sd, tmp_path / "s", log=lambda m: None).fit()
+        return
+    ds = SearchLogDataset(tiny_data, cfg.data, fmap=sd.fmap, log=lambda m: None)
+    folder = Trainer(cfg, ds, tmp_path / "f", log=lambda m: None).fit()
+    shards = Trainer(cfg, sd, tmp_path / "s", log=lambda m: None).fit()
+    _assert_close_tree(folder["fitted"], shards["fitted"])  # what was fitted (priors, action weights...)
+    for split in ("valid", "test"):
+        assert folder[split].keys() == shards[split].keys()
+        for k, v in folder[split].items():
+            assert v == pytest.approx(shards[split][k], rel=1e-6, abs=1e-9, nan_ok=True), (name, split, k)
 
 
 def test_shards_refuse_other_data_settings_and_feature_maps(tiny_data, tmp_path):

@@ -13,6 +13,7 @@ from qdrank.config import ModelConfig
 from qdrank.data.batch import Batch
 from qdrank.data.dataset import SearchLogDataset
 from qdrank.data.features import FeatureMap
+from qdrank.data.shards import ShardedDataset
 from qdrank.models.base import RankModel, RequestState
 
 FIT_BATCH = 8192  # impressions per batch while fitting
@@ -56,7 +57,12 @@ class Baseline(RankModel):
     It skips ``RankModel.__init__``'s learned parts (embedding table, position tower, head): the
     trainer calls :meth:`fit_data` once instead of running epochs. Subclasses implement
     :meth:`candidate_scores`; the CVR logit is a constant 0 (no baseline models conversion).
+    :meth:`fit_data` also takes streamed shards (a ``ShardedDataset``), fitting from its training
+    batches (:meth:`batches`); a baseline that needs the rows in memory sets ``in_memory_only`` to
+    the reason, which the trainer shows.
     """
+
+    in_memory_only: str = ""
 
     gradient_trained = False
     config_class = ModelConfig
@@ -89,10 +95,17 @@ class Baseline(RankModel):
     def device(self) -> torch.device:
         return self.emb.item_sparse.device
 
-    def batches(self, ds: SearchLogDataset, split: str, rows: np.ndarray | None = None,
-                batch_size: int = FIT_BATCH) -> Iterator[tuple[Batch, torch.Tensor]]:
+    def batches(self, ds: SearchLogDataset | ShardedDataset, split: str, rows: np.ndarray | None = None,
+                batch_size: int = FIT_BATCH) -> Iterator[tuple[Batch, torch.Tensor | None]]:
         """(batch on the model's device, impression indices of its candidates) over ``split``, or
-        over the request ``rows`` when given."""
+        over the request ``rows`` when given. From shards: the streamed batches, with no impression
+        indices (None) and no ``rows``."""
+        if isinstance(ds, ShardedDataset):
+            if rows is not None:
+                raise ValueError(f"{type(self).__name__}: request rows need the dataset in memory, not shards")
+            for b in ds.iter_batches(split, batch_size, extra_inputs=self.extra_inputs):
+                yield b.to(self.device), None
+            return
         groups = ds.batch_rows(split, batch_size) if rows is None else ds.pack(rows, batch_size)
         for g in groups:
             yield ds.make_batch(g, self.extra_inputs).to(self.device), torch.from_numpy(ds.candidate_index(g))

@@ -56,6 +56,7 @@ def valid_gauc(group_sizes: np.ndarray):
 
 class GBDT(Baseline):
     config_class = GBDTConfig
+    in_memory_only = "its out-of-fold click statistics are fitted on folds of the training requests"
     booster_fast_path = True  # eager scoring by LightGBM's predict; traced/exported graphs use ``trees``
 
     def __init__(self, fmap: FeatureMap, cfg: GBDTConfig):

@@ -18,6 +18,7 @@ from qdrank.config import ModelConfig
 from qdrank.data.batch import Batch
 from qdrank.data.dataset import SearchLogDataset
 from qdrank.data.features import FeatureMap
+from qdrank.data.shards import ShardedDataset
 from qdrank.models.baselines.common import Baseline, FittedBuffers, sparse_features
 from qdrank.models.layers import BehaviourActions, history_feature_match, history_item_match, history_recency
 
@@ -91,7 +92,7 @@ class HistoryMatch(Baseline):
         self.matcher = HistoryMatcher(fmap, cfg.decay)
         self.category = next(((s, w) for n, s, w in self.matcher.features if n == fmap.has_category), None)
 
-    def fit_data(self, ds: SearchLogDataset, seed: int = 0) -> None:
+    def fit_data(self, ds: SearchLogDataset | ShardedDataset, seed: int = 0) -> None:
         if self.cfg.fit_action_weights:
             self.matcher.fit(self.batches(ds, "train"))
 

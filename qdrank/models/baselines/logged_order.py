@@ -11,13 +11,14 @@ import torch
 
 from qdrank.data.batch import MAX_POSITION, Batch
 from qdrank.data.dataset import SearchLogDataset
+from qdrank.data.shards import ShardedDataset
 from qdrank.models.baselines.common import Baseline
 
 
 class LoggedOrder(Baseline):
     uses_logged_position = True
 
-    def fit_data(self, ds: SearchLogDataset, seed: int = 0) -> None:
+    def fit_data(self, ds: SearchLogDataset | ShardedDataset, seed: int = 0) -> None:
         """Nothing to fit: the order is the log's."""
 
     def candidate_scores(self, batch: Batch) -> torch.Tensor:

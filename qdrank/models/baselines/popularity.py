@@ -6,12 +6,15 @@ beyond binomial noise), so rarely shown items sit near the global CTR and unseen
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import numpy as np
 import torch
 
 from qdrank.data.batch import Batch
 from qdrank.data.dataset import SearchLogDataset
 from qdrank.data.features import FeatureMap
+from qdrank.data.shards import ShardedDataset
 from qdrank.models.baselines.common import Baseline, FittedBuffers, train_impressions
 
 MIN_SHOWN = 5         # items shown at least this often estimate the spread of CTRs
@@ -49,8 +52,20 @@ class ItemPopularity(FittedBuffers):
         imp = train_impressions(ds, rows)
         n = self.clicks.shape[0]
         items = ds.cand_item[imp]
-        clicks = np.bincount(items, weights=ds.click[imp], minlength=n)
-        shown = np.bincount(items, minlength=n).astype(np.float64)
+        self._set(np.bincount(items, weights=ds.click[imp], minlength=n),
+                  np.bincount(items, minlength=n).astype(np.float64))
+
+    def fit_batches(self, batches: Iterable[Batch]) -> None:
+        """The same counts from streamed training batches (shards): the candidates' items and clicks."""
+        n = self.clicks.shape[0]
+        clicks, shown = np.zeros(n), np.zeros(n)
+        for b in batches:
+            items = b.cand_item.cpu().numpy()
+            clicks += np.bincount(items, weights=b.click.cpu().numpy().astype(np.float64), minlength=n)
+            shown += np.bincount(items, minlength=n)
+        self._set(clicks, shown)
+
+    def _set(self, clicks: np.ndarray, shown: np.ndarray) -> None:
         clicks[:2], shown[:2] = 0, 0  # padding / unknown item rows get the prior
         a, b = beta_prior(clicks, shown)
         dev = self.clicks.device
@@ -71,8 +86,11 @@ class Popularity(Baseline):
         super().__init__(fmap, cfg)
         self.pop = ItemPopularity(fmap)
 
-    def fit_data(self, ds: SearchLogDataset, seed: int = 0) -> None:
-        self.pop.fit(ds)
+    def fit_data(self, ds: SearchLogDataset | ShardedDataset, seed: int = 0) -> None:
+        if isinstance(ds, SearchLogDataset):
+            self.pop.fit(ds)
+        else:
+            self.pop.fit_batches(b for b, _ in self.batches(ds, "train"))
 
     def candidate_scores(self, batch: Batch) -> torch.Tensor:
         return self.pop.logit(batch.cand_item)

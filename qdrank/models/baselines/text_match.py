@@ -17,7 +17,8 @@ from qdrank.config import ModelConfig
 from qdrank.data.batch import Batch
 from qdrank.data.dataset import SearchLogDataset
 from qdrank.data.features import FeatureMap
-from qdrank.models.baselines.common import Baseline, FittedBuffers, sorted_lookup, sparse_features
+from qdrank.data.shards import ShardedDataset
+from qdrank.models.baselines.common import FIT_BATCH, Baseline, FittedBuffers, sorted_lookup, sparse_features
 
 VALUE_TOKENS = 4  # tokens kept per categorical value ("running shoes" -> running, shoes, running_shoes)
 MATCH_GROUPS = ("text", "value", "category")
@@ -48,9 +49,15 @@ class TextOverlap(FittedBuffers):
         self.register_buffer("value_ids", torch.zeros(0, dtype=torch.long))
         self.register_buffer("value_tokens", torch.zeros(0, VALUE_TOKENS, dtype=torch.long))
 
-    def fit(self, ds: SearchLogDataset) -> None:
+    def fit(self, ds: SearchLogDataset | ShardedDataset) -> None:
+        """IDF over the training queries (in memory, or streamed from shards) and the hashed tokens
+        of every categorical value in the vocabularies."""
         fmap, dev = self.fmap, self.idf.device
-        q = ds.query[ds.requests_of("train")]
+        if isinstance(ds, ShardedDataset):  # each batch holds every request of it once
+            parts = [b.query.numpy() for b in ds.iter_batches("train", FIT_BATCH)]
+            q = np.concatenate(parts) if parts else np.zeros((0, 1), dtype=np.int64)
+        else:
+            q = ds.query[ds.requests_of("train")]
         if self.use_idf and len(q):
             df = np.zeros(fmap.query_buckets)
             for row in q:  # document frequency: each token once per query
@@ -114,7 +121,7 @@ class TextMatch(Baseline):
         super().__init__(fmap, cfg)
         self.text = TextOverlap(fmap, cfg.idf)
 
-    def fit_data(self, ds: SearchLogDataset, seed: int = 0) -> None:
+    def fit_data(self, ds: SearchLogDataset | ShardedDataset, seed: int = 0) -> None:
         self.text.fit(ds)
 
     def candidate_scores(self, batch: Batch) -> torch.Tensor:
