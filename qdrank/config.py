@@ -71,6 +71,8 @@ class ModelConfig:
     #                                item and each of its side values (CrossFeatures.history_match)
     cross_category: bool = True    # with them: query x the candidate's category vector (the dataset's declared
     #                                `category`), a learned query -> category affinity
+    cross_rank: bool = True        # with them: each numeric candidate / item feature's rank within the
+    #                                request (price rank...), as the gbdt baseline has it
 
 
 @dataclass

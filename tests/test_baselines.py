@@ -220,7 +220,7 @@ def test_gbdt_features_on_odd_logs(odd_log, tmp_path, variant):  # noqa: F811
 
 
 def test_group_rank():
-    from qdrank.models.baselines.common import group_rank
+    from qdrank.models.layers import group_rank
 
     v = torch.tensor([3.0, 1.0, 2.0, 2.0, 5.0, 5.0, 4.0])
     g = torch.tensor([0, 0, 0, 0, 1, 1, 2])

@@ -142,8 +142,9 @@ def test_cross_block_in_head_input_iff_model_cross(name, tiny_dataset, batch):
         x_off = off.head_input(off.encode_request(batch), batch)
     d = on.cfg.dim
     cf = on.cross_features
-    width = 2 * d + 4 + cf.n_history + d   # + query x category (the tiny data declares a category)
-    assert cf.category_slots is not None
+    # + query x category (the tiny data declares a category) + each numeric candidate / item feature's rank
+    width = 2 * d + 4 + cf.n_history + d + cf.n_rank
+    assert cf.category_slots is not None and cf.n_rank == ds.fmap.n_numeric("candidate") + ds.fmap.n_numeric("item") > 0
     n_actions = len(ds.fmap.features["action"].vocab)
     assert on.cross_features.n_history == (2 + n_actions) * (1 + len(on.cross_features.history_slots)) > 2
     assert "cross" in on.head_layout() and "cross" not in off.head_layout()
@@ -167,9 +168,18 @@ def test_cross_block_in_head_input_iff_model_cross(name, tiny_dataset, batch):
     s, _ = cf.category_slots
     with torch.no_grad():
         cat = on.emb.table(on.emb.item_sparse[batch.cand_item, s])
-    torch.testing.assert_close(cross[:, end:], cat * q, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(cross[:, end:end + d], cat * q, atol=1e-6, rtol=1e-5)
+    # rank within the request: share of the request's other candidates with a smaller value
+    values = torch.cat([batch.cand_dense, on.emb.item_dense[batch.cand_item]], -1).tolist()
+    req = batch.cand_req.tolist()
+    ranks = [[sum(req[j] == req[i] and values[j][k] < values[i][k] for j in range(len(req)))
+              / max(req.count(req[i]) - 1, 1) for k in range(cf.n_rank)] for i in range(len(req))]
+    torch.testing.assert_close(cross[:, end + d:], torch.tensor(ranks), atol=1e-6, rtol=0)
+    assert cross[:, end + d:].max() > 0.5
     assert hist[:, 0].max() > 0 and hist[:, 2 + n_actions].max() > 0  # repeats of an item and of a side value occur
     assert ref[:, 0].max() > 0 and ref[:, 2].max() > 0   # the test batch has text and side matches
+    off_rank = build(name, ds, "model.cross_rank=false")
+    assert off_rank.cross_features.width == cf.width - cf.n_rank
     # both request parts are the same inputs: everything but the cross block is identical
     torch.testing.assert_close(x_on[:, :x_off.shape[1]], x_off, atol=1e-6, rtol=0)
 
@@ -309,7 +319,14 @@ def test_cross_category_switch_drops_only_the_query_category_columns(name, tiny_
     assert on.cross_features.width == off.cross_features.width + on.cfg.dim
     on.eval()
     off.eval()
+    no_rank = build(name, ds, "model.cross_rank=false")
+    no_rank.eval()
     with torch.no_grad():   # same seed: every parameter but the head's is the same
         x_on = on.head_input(on.encode_request(batch), batch)
         x_off = off.head_input(off.encode_request(batch), batch)
-    torch.testing.assert_close(x_on[:, :x_off.shape[1]], x_off, atol=1e-6, rtol=0)
+        x_no_rank = no_rank.head_input(no_rank.encode_request(batch), batch)
+    d, cf = on.cfg.dim, on.cross_features
+    start = on.head_layout()["cross"].start + 2 * d + 4 + cf.n_history   # the q x category block
+    torch.testing.assert_close(torch.cat([x_on[:, :start], x_on[:, start + d:]], 1), x_off, atol=1e-6, rtol=0)
+    # model.cross_rank=false drops only the rank columns (the block's last)
+    torch.testing.assert_close(x_on[:, :x_on.shape[1] - cf.n_rank], x_no_rank, atol=1e-6, rtol=0)

@@ -97,7 +97,8 @@ class RankModel(nn.Module):
         self.cfg = cfg
         self.emb = FeatureEmbedder(fmap, cfg.dim)
         self.position = PositionBias() if cfg.position_bias and fmap.has_position else None
-        self.cross_features = CrossFeatures(fmap, cfg.dim, cfg.cross_history, cfg.cross_category) if cfg.cross else None
+        self.cross_features = (CrossFeatures(fmap, cfg.dim, cfg.cross_history, cfg.cross_category, cfg.cross_rank)
+                               if cfg.cross else None)
         self._item_cache: dict | None = None
 
     # ---- to implement --------------------------------------------------------------------
@@ -189,8 +190,10 @@ class RankModel(nn.Module):
             cf = self.cross_features
             cat = (cf.category_vectors(self.emb.table, self.emb.item_sparse, batch.cand_item)
                    if cf.category_slots else None)
+            ranks = (cf.request_ranks(batch.cand_dense, self.emb.item_dense[batch.cand_item], batch.cand_req)
+                     if cf.n_rank else None)
             cand += cf.parts(c, state["x_query"], state["x_hist"], self.overlap(batch),
-                             cf.history_match(batch, self.emb.item_sparse), cat)
+                             cf.history_match(batch, self.emb.item_sparse), cat, ranks)
         return req, cand
 
     def head_input(self, state: RequestState, batch: Batch) -> torch.Tensor:

@@ -128,39 +128,6 @@ def group_sizes(group: torch.Tensor, n_groups: int) -> torch.Tensor:
     return torch.zeros(n_groups, dtype=torch.long, device=group.device).scatter_add(0, group, torch.ones_like(group))
 
 
-def group_rank(values: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
-    """Per element, the share of its group's elements with a strictly smaller value (0..1).
-
-    ``group`` must be sorted (candidates of a request are contiguous). Ties share a rank. Eagerly this
-    sorts (O(N log N) for the large batches of fitting and evaluation); inside an ONNX / TorchScript
-    export it compares all pairs (stable sorts and ``cummax`` have no ONNX operator; a served request
-    has few candidates). Both count the same integers, so they give identical values.
-    """
-    n = values.shape[0]
-    if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
-        same = group.unsqueeze(0) == group.unsqueeze(1)                                  # [N, N]
-        smaller = ((values.unsqueeze(0) < values.unsqueeze(1)) & same).sum(1).to(values.dtype)
-        return smaller / (same.sum(1) - 1).clamp_min(1).to(values.dtype)
-    if n == 0:
-        return values.new_zeros(0)
-    counts = torch.bincount(group)
-    start = torch.cumsum(counts, 0) - counts
-    # sort by (group, value): group-major because the sort below is stable
-    order = torch.argsort(values, stable=True)
-    order = order[torch.argsort(group[order], stable=True)]
-    sv, sg = values[order], group[order]
-    pos = torch.arange(n, device=values.device)
-    # first index of each run of equal (group, value) -> number of strictly smaller in the group
-    new_run = torch.ones(n, dtype=torch.bool, device=values.device)
-    new_run[1:] = (sv[1:] != sv[:-1]) | (sg[1:] != sg[:-1])
-    run_start = torch.cummax(torch.where(new_run, pos, torch.zeros_like(pos)), 0).values
-    smaller = (run_start - start[sg]).to(values.dtype)
-    denom = (counts[sg] - 1).clamp_min(1).to(values.dtype)
-    out = torch.empty_like(values)
-    out[order] = smaller / denom
-    return out
-
-
 def sorted_lookup(keys: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """For each element of ``x``, the index of its value in the sorted 1-d ``keys`` and whether it is there.
 

@@ -35,7 +35,6 @@ from qdrank.data.dataset import SearchLogDataset
 from qdrank.data.features import FeatureMap
 from qdrank.models.baselines.common import (
     FittedBuffers,
-    group_rank,
     group_sizes,
     sorted_lookup,
     sparse_features,
@@ -43,7 +42,7 @@ from qdrank.models.baselines.common import (
 from qdrank.models.baselines.history_match import HistoryMatcher
 from qdrank.models.baselines.popularity import ItemPopularity
 from qdrank.models.baselines.text_match import TextOverlap
-from qdrank.models.layers import MAX_ACTIONS_SPLIT, history_feature_match, history_item_match
+from qdrank.models.layers import MAX_ACTIONS_SPLIT, group_rank, history_feature_match, history_item_match
 
 AFFINITY_PRIOR = 10.0     # pseudo-clicks pulling a rare query token's category shares to the average
 
