@@ -71,8 +71,9 @@ class ModelConfig:
     #                                item and each of its side values (CrossFeatures.history_match)
     cross_category: bool = True    # with them: query x the candidate's category vector (the dataset's declared
     #                                `category`), a learned query -> category affinity
-    cross_rank: bool = True        # with them: each numeric candidate / item feature's rank within the
-    #                                request (price rank...), as the gbdt baseline has it
+    cross_rank: bool = False       # with them: each numeric candidate / item feature's rank within the
+    #                                request (price rank...), as the gbdt baseline has it; off by default: it
+    #                                makes a candidate's score depend on the request's other candidates
 
 
 @dataclass

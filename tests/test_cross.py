@@ -134,7 +134,7 @@ def reference_history_match(model: RankModel, b) -> torch.Tensor:
 @pytest.mark.parametrize("name", NEURAL)
 def test_cross_block_in_head_input_iff_model_cross(name, tiny_dataset, batch):
     _, ds = tiny_dataset
-    on, off = build(name, ds), build(name, ds, "model.cross=false")
+    on, off = build(name, ds, "model.cross_rank=true"), build(name, ds, "model.cross=false")
     on.eval()
     off.eval()
     with torch.no_grad():
@@ -178,7 +178,7 @@ def test_cross_block_in_head_input_iff_model_cross(name, tiny_dataset, batch):
     assert cross[:, end + d:].max() > 0.5
     assert hist[:, 0].max() > 0 and hist[:, 2 + n_actions].max() > 0  # repeats of an item and of a side value occur
     assert ref[:, 0].max() > 0 and ref[:, 2].max() > 0   # the test batch has text and side matches
-    off_rank = build(name, ds, "model.cross_rank=false")
+    off_rank = build(name, ds)  # the default: no rank columns
     assert off_rank.cross_features.width == cf.width - cf.n_rank
     # both request parts are the same inputs: everything but the cross block is identical
     torch.testing.assert_close(x_on[:, :x_off.shape[1]], x_off, atol=1e-6, rtol=0)
@@ -203,10 +203,11 @@ def test_trains_with_and_without_cross(name, cross, tiny_dataset, batch):
     assert losses[-1] < 0.8 * losses[0], losses
 
 
+@pytest.mark.parametrize("rank", ["false", "true"])
 @pytest.mark.parametrize("name", NEURAL)
-def test_split_head_equals_concatenated_head(name, tiny_dataset, batch):
+def test_split_head_equals_concatenated_head(name, rank, tiny_dataset, batch):
     _, ds = tiny_dataset
-    model = build(name, ds)
+    model = build(name, ds, f"model.cross_rank={rank}")
     randomize(model)
     model.eval()
     with torch.no_grad():
@@ -314,12 +315,13 @@ def test_every_neural_model_trains_with_the_listwise_term(name, tiny_dataset, ba
 @pytest.mark.parametrize("name", ["dnn", "diffusiongs"])
 def test_cross_category_switch_drops_only_the_query_category_columns(name, tiny_dataset, batch):
     _, ds = tiny_dataset
-    on, off = build(name, ds), build(name, ds, "model.cross_category=false")
+    on, off = build(name, ds, "model.cross_rank=true"), build(name, ds, "model.cross_rank=true",
+                                                             "model.cross_category=false")
     assert off.cross_features.category_slots is None
     assert on.cross_features.width == off.cross_features.width + on.cfg.dim
     on.eval()
     off.eval()
-    no_rank = build(name, ds, "model.cross_rank=false")
+    no_rank = build(name, ds)  # the default: no rank columns
     no_rank.eval()
     with torch.no_grad():   # same seed: every parameter but the head's is the same
         x_on = on.head_input(on.encode_request(batch), batch)
