@@ -82,11 +82,6 @@ def cpu_by_process(pid: int) -> dict[int, float]:
     return out
 
 
-def cpu_s(pid: int) -> float:
-    """User + system CPU seconds of a process and its children (the workers)."""
-    return sum(cpu_by_process(pid).values())
-
-
 def http_request(path: str, body: bytes) -> bytes:
     return (f"POST {path} HTTP/1.1\r\nHost: {HOST}\r\nContent-Type: application/json\r\n"
             f"Content-Length: {len(body)}\r\n\r\n").encode() + body

@@ -114,10 +114,11 @@ def test_rows_trained_without_the_position_tower_are_named():
     from qdrank.evaluation.benchmark import _has_position_tower
 
     spec = BenchmarkSpec(data=".", models=[], overrides=["model.position_bias=false"])
-    assert not _has_position_tower(spec, {"chosen": {}})
-    assert _has_position_tower(spec, {"chosen": {"model.position_bias": True}})  # the search point wins
-    assert _has_position_tower(BenchmarkSpec(data=".", models=[]), {"chosen": {}, "overrides": []})
-    assert not _has_position_tower(BenchmarkSpec(data=".", models=[]), {"chosen": {"model.position_bias": False}})
+    assert not _has_position_tower(spec, {"model": "din", "chosen": {}})
+    assert _has_position_tower(spec, {"model": "din", "chosen": {"model.position_bias": True}})  # the search point wins
+    assert _has_position_tower(BenchmarkSpec(data=".", models=[]), {"model": "din", "chosen": {}, "overrides": []})
+    assert not _has_position_tower(BenchmarkSpec(data=".", models=[]),
+                                   {"model": "din", "chosen": {"model.position_bias": False}})
 
 
 def _fake(kind, values, logged=False, best=(2, 3, 4), conv=(True, True, False)):

@@ -278,14 +278,11 @@ def run_benchmark(spec: BenchmarkSpec, out: Path, log=None) -> dict:
 
 
 def _has_position_tower(spec: BenchmarkSpec, r: dict) -> bool:
-    """Whether a learned row's runs trained the position tower (``model.position_bias``, the last
-    setting winning: the benchmark's overrides, the row's own, then its chosen search point)."""
-    on = True
-    for o in [*spec.overrides, *r.get("overrides", [])]:
-        key, _, value = o.partition("=")
-        if key.strip() == "model.position_bias":
-            on = value.strip().lower() not in ("false", "0", "no", "off")
-    return bool(r.get("chosen", {}).get("model.position_bias", on))
+    """Whether a learned row's runs trained the position tower: ``model.position_bias`` of the config
+    its runs were built from (the benchmark's overrides, the row's own, then its chosen point)."""
+    point = [f"{k}={v}" for k, v in r.get("chosen", {}).items()]
+    cfg = build_config(r["model"], overrides=[*spec.overrides, *r.get("overrides", []), *point])
+    return cfg.model.position_bias
 
 
 def _epochs_cell(r: dict) -> str:

@@ -28,7 +28,6 @@ Under ``torchrun`` every rank scores its own requests and the metric states are 
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Mapping
 
 import numpy as np
@@ -175,13 +174,6 @@ def require_split(ds: SearchLogDataset | ShardedDataset, split: str, data: objec
                          "nothing to evaluate; pick another --split or a dataset whose split has requests")
 
 
-def model_device(model: torch.nn.Module) -> torch.device:
-    """Where the model's weights (or, for a weightless baseline, its buffers) live; CPU for neither."""
-    for t in itertools.chain(model.parameters(), model.buffers()):
-        return t.device
-    return torch.device("cpu")
-
-
 def _batches(model: RankModel, ds, split: str, batch_size: int, ctx: DistContext, progress: bool, desc: str):
     """Batches of ``split`` for this rank, with the oracle columns as batch inputs."""
     extra = tuple(dict.fromkeys(model.extra_inputs + tuple(ds.oracle_columns)))
@@ -196,8 +188,8 @@ def _batches(model: RankModel, ds, split: str, batch_size: int, ctx: DistContext
 def evaluate(model: RankModel, ds: SearchLogDataset | ShardedDataset, split: str, batch_size: int,
              device: torch.device | None = None, ctx: DistContext = SINGLE_PROCESS, progress: bool = False) -> dict:
     """Metrics of ``split`` in both families; each rank scores its own requests, states all-reduced.
-    Batches go to ``device`` (default: where the model's weights are)."""
-    device = device or model_device(model)
+    Batches go to ``device`` (default: the model's, :attr:`RankModel.device`)."""
+    device = device or model.device
     model.eval()
     ev = dataset_evaluator(ds, model_families(model))
     for b in _batches(model, ds, split, batch_size, ctx, progress, "eval"):
@@ -214,8 +206,8 @@ def predict(model: RankModel, ds: SearchLogDataset | ShardedDataset, split: str,
     :func:`evaluate` never gathers): ``serving_ctr`` / ``as_shown_ctr`` / ``cvr`` logits (a family the
     model lacks is absent), ``click``, ``purchase``, ``group`` (request id) and the oracle columns,
     in request-id order (a request's impressions in their logged order). Batches go to ``device``
-    (default: where the model's weights are)."""
-    device = device or model_device(model)
+    (default: the model's, :attr:`RankModel.device`)."""
+    device = device or model.device
     model.eval()
     oracle = tuple(ds.oracle_columns)
     out: dict[str, list] = {}

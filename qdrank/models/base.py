@@ -229,6 +229,11 @@ class RankModel(nn.Module):
             text_i, side_i = torch.cat([text_i, text_c], -1), torch.cat([side_i, side_c], -1)
         return cf.overlap_request(batch.query, batch.cand_req, text_i, side_i)
 
+    @property
+    def device(self) -> torch.device:
+        """Where the model lives: every model, a baseline too, holds the item tables (``emb.item_sparse``)."""
+        return self.emb.item_sparse.device
+
     def train(self, mode: bool = True) -> RankModel:
         self._item_cache = None
         return super().train(mode)

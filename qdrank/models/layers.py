@@ -357,6 +357,12 @@ def per_request(fast: bool) -> bool:
     return fast and not torch.jit.is_tracing()
 
 
+def inference_path(fast: bool) -> bool:
+    """Whether to take an inference-only fast form: :func:`per_request` and no autograd (training
+    and anything that needs gradients keep the reference form)."""
+    return per_request(fast) and not torch.is_grad_enabled()
+
+
 def request_slots(cand_req: torch.Tensor, n_requests: int) -> RequestSlots:
     """The grid of ``cand_req`` [N] (any order; request-major batches make it a plain view)."""
     n = cand_req.shape[0]
@@ -521,6 +527,10 @@ class BehaviourActions(NamedTuple):
         a = batch.hist_sparse[..., self.slot]
         return torch.where(a > self.offset, a - self.offset, torch.zeros_like(a))
 
+    def onehot(self, batch: Batch) -> torch.Tensor:
+        """[R, L, n] one-hot of each behaviour's action type (all 0 for padding / an unknown action)."""
+        return F.one_hot(self.ids(batch), self.n + 1)[..., 1:].float()
+
 
 class CrossFeatures(nn.Module):
     """The cross features of a candidate and its request, the same for every neural model.
@@ -570,7 +580,7 @@ class CrossFeatures(nn.Module):
     KEY_STRIDE = 1 << 40
 
     def __init__(self, fmap: FeatureMap, dim: int, history: bool = True, category: bool = True,
-                 rank: bool = True):
+                 rank: bool = False):
         super().__init__()
         # numeric candidate / item features (price...) ranked within their request
         self.n_rank = (fmap.n_numeric("candidate") + fmap.n_numeric("item")) if rank else 0
@@ -631,7 +641,7 @@ class CrossFeatures(nn.Module):
         return torch.stack([share, hit.any(-1)], -1).flatten(1).float()
 
     def _inference(self) -> bool:
-        return self.inference_fast and not torch.is_grad_enabled() and not torch.jit.is_tracing()
+        return inference_path(self.inference_fast)
 
     def overlap_request(self, query: torch.Tensor, cand_req: torch.Tensor, text: torch.Tensor,
                         side: torch.Tensor) -> torch.Tensor:
@@ -667,7 +677,7 @@ class CrossFeatures(nn.Module):
         total = recency.sum(-1).clamp_min(1e-6)
         matches = [history_item_match(batch), *(history_feature_match(batch, item_sparse, s, w)
                                                 for s, w in self.history_slots)]
-        actions = self.action_onehot(batch)[batch.cand_req] if self.n_actions else None  # [N, L, A]
+        actions = self.action.onehot(batch)[batch.cand_req] if self.n_actions else None  # [N, L, A]
         cols = []
         for m in matches:
             m = m.float()
@@ -675,10 +685,6 @@ class CrossFeatures(nn.Module):
             if actions is not None:
                 cols += list((torch.log1p(torch.bmm(m.unsqueeze(1), actions).squeeze(1)) / count_scale).unbind(-1))
         return torch.stack(cols, -1)
-
-    def action_onehot(self, batch: Batch) -> torch.Tensor:
-        """[R, L, n_actions] one-hot of each behaviour's action type (all 0 for padding / an unknown action)."""
-        return F.one_hot(self.action.ids(batch), self.n_actions + 1)[..., 1:].float()
 
     def category_vectors(self, table: nn.Embedding, item_sparse: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         """[N, d] the embedding of each item's category value (mean over a list's values, 0 if none)."""
@@ -719,7 +725,7 @@ class CrossFeatures(nn.Module):
         count = torch.where(hit, counts.take(pos), 0).to(recency.dtype)
         share = torch.where(hit, weights.take(pos), 0) / total.unsqueeze(-1)
         groups = [torch.log1p(count).unsqueeze(-1) / HISTORY_COUNT_SCALE, share.unsqueeze(-1)]
-        actions = self.action_onehot(batch) if self.n_actions else None             # [R, L, A]
+        actions = self.action.onehot(batch) if self.n_actions else None             # [R, L, A]
         if actions is not None:  # hits per action type: the behaviours' one-hots summed per key
             A = actions.shape[-1]
             per_key = torch.zeros(keys.shape[0], A, dtype=recency.dtype, device=hist.device).index_add_(
@@ -753,8 +759,6 @@ class CrossFeatures(nn.Module):
         candidates with a smaller value (:func:`group_rank`, the gbdt baseline's ``rank_in_request``).
         It is what a pointwise head cannot see: whether this hotel is the cheap one *of this list*."""
         values = torch.cat([cand_dense, item_dense], -1).float()
-        if not self.n_rank:
-            return values.new_zeros(values.shape[0], 0)
         return torch.stack([group_rank(v, cand_req) for v in values.unbind(-1)], -1)
 
     def parts(self, c: torch.Tensor, q: torch.Tensor, h: torch.Tensor, overlap: torch.Tensor,
@@ -875,7 +879,7 @@ class TwoTaskHead(nn.Module):
         first = layers[0] if layers else None
         linear = split_linear
         if isinstance(cand, list):
-            if self.inference_fast and not torch.is_grad_enabled() and not torch.jit.is_tracing():
+            if inference_path(self.inference_fast):
                 linear = folded_linear
             else:
                 cand = materialize(cand, cand_req)

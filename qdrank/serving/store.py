@@ -80,8 +80,9 @@ class HistoryStore:
         self.close()
 
     # ---- reads --------------------------------------------------------------------------------
-    def history(self, user_id: Any, before: int, limit: int) -> list[dict[str, Any]]:
-        """The user's most recent ``limit`` behaviours with timestamp < ``before``, chronological."""
+    def _recent(self, user_id: Any, before: int, limit: int) -> list[tuple]:
+        """(item_id, timestamp, action, query, features JSON) of the user's most recent ``limit``
+        behaviours with timestamp < ``before``, chronological."""
         if limit <= 0:
             return []
         with self._lock:
@@ -89,8 +90,13 @@ class HistoryStore:
                 "SELECT item_id, timestamp, action, query, features FROM behaviors "
                 "WHERE user_id = ? AND timestamp < ? ORDER BY timestamp DESC, id DESC LIMIT ?",
                 (user_key(user_id), int(before), int(limit))).fetchall()
+        rows.reverse()
+        return rows
+
+    def history(self, user_id: Any, before: int, limit: int) -> list[dict[str, Any]]:
+        """The user's most recent ``limit`` behaviours with timestamp < ``before``, chronological."""
         out = []
-        for item, ts, action, query, feats in reversed(rows):
+        for item, ts, action, query, feats in self._recent(user_id, before, limit):
             d = json.loads(feats) if feats else {}
             d.update(item_id=item, timestamp=ts, action=action, query=query)
             out.append(d)
@@ -100,14 +106,7 @@ class HistoryStore:
         """:meth:`history` by column (``item_id``, ``timestamp``, ``action``, ``query``, then every
         behaviour feature some row has; None where a row lacks it): no dict per behaviour, which is
         most of the cost of a 10,000-behaviour read."""
-        if limit <= 0:
-            return {"item_id": [], "timestamp": [], "action": [], "query": []}
-        with self._lock:
-            rows = self._conn.execute(
-                "SELECT item_id, timestamp, action, query, features FROM behaviors "
-                "WHERE user_id = ? AND timestamp < ? ORDER BY timestamp DESC, id DESC LIMIT ?",
-                (user_key(user_id), int(before), int(limit))).fetchall()
-        rows.reverse()
+        rows = self._recent(user_id, before, limit)
         if not rows:
             return {"item_id": [], "timestamp": [], "action": [], "query": []}
         item, ts, action, query, feats = map(list, zip(*rows))

@@ -91,10 +91,6 @@ class Baseline(RankModel):
         """What was fitted, for result.json (a baseline has no parameters to count)."""
         return {}
 
-    @property
-    def device(self) -> torch.device:
-        return self.emb.item_sparse.device
-
     def batches(self, ds: SearchLogDataset | ShardedDataset, split: str, rows: np.ndarray | None = None,
                 batch_size: int = FIT_BATCH) -> Iterator[tuple[Batch, torch.Tensor | None]]:
         """(batch on the model's device, impression indices of its candidates) over ``split``, or

@@ -217,8 +217,7 @@ class GBDTFeatures(FittedBuffers):
         cols.append((weights * item_m).sum(-1))
         actions = None
         if self.split_actions:
-            a = self.hist.action.ids(batch)[req]
-            actions = torch.nn.functional.one_hot(a, self.hist.n_actions + 1)[..., 1:].float()
+            actions = self.hist.action.onehot(batch)[req]
         cols += self._counts(item_m, actions)
         for _, s, w in self.hist.features:
             cols += self._counts(history_feature_match(batch, item_sparse, s, w), actions)
