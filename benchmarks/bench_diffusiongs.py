@@ -84,6 +84,7 @@ def fake_batch(fmap: FeatureMap, R: int, L: int, cands_per_request: int, g: torc
         hist_dense=dense("behavior", R, L), hist_query=text(R, L, 4),
         hist_time=1 + torch.randint(fmap.time_buckets - 1, (R, L), generator=g),
         hist_age=torch.rand(R, L, generator=g).mul(86_400).sort(-1, descending=True).values,
+        hist_session=torch.full((R, L), -1),
         hist_len=torch.full((R,), L), cand_req=torch.arange(R).repeat_interleave(cands_per_request),
         cand_item=2 + torch.randint(n_items, (N,), generator=g), cand_sparse=_ids(fmap, "candidate", (N,), g),
         cand_dense=dense("candidate", N), position=torch.zeros(N, dtype=torch.long),

@@ -517,7 +517,7 @@ def test_trimmed_history_is_the_same_function(tiny_dataset, name):
         hist_sparse=torch.cat([b.hist_sparse, pad[..., None].expand(-1, -1, b.hist_sparse.shape[2])], 1),
         hist_query=torch.cat([b.hist_query, pad[..., None].expand(-1, -1, b.hist_query.shape[2])], 1),
         hist_dense=torch.cat([b.hist_dense, pad[..., None].expand(-1, -1, b.hist_dense.shape[2]).float()], 1),
-        hist_age=torch.cat([b.hist_age, pad.float()], 1))
+        hist_age=torch.cat([b.hist_age, pad.float()], 1), hist_session=torch.cat([b.hist_session, pad - 1], 1))
     short = trim_history(wide)
     assert short.hist_item.shape[1] == int(b.hist_len.max()) < wide.hist_item.shape[1]
     model.eval()

@@ -15,7 +15,10 @@ from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import pandas as pd
 import torch
+
+from qdrank.data.features import canonical_key, stable_hash
 
 if TYPE_CHECKING:
     from qdrank.data.dataset import SearchLogDataset
@@ -38,6 +41,8 @@ class Batch:
     hist_query: torch.Tensor     # [R, L, Qb] hashed ids of the query each behaviour came from
     hist_time: torch.Tensor      # [R, L] log2 bucket of (request time - behaviour time), 0 = pad
     hist_age: torch.Tensor       # [R, L] float seconds from each behaviour to the request, 0 = pad
+    hist_session: torch.Tensor   # [R, L] session ordinal, 0 = the request's most recent session; -1 = pad
+    #                              or unknown (no ``session`` column, or only nulls so far): see session_ordinals
     hist_len: torch.Tensor       # [R] true history length
     cand_req: torch.Tensor       # [N] request row of each candidate
     cand_item: torch.Tensor      # [N] item rows
@@ -86,7 +91,8 @@ def batch_inputs() -> dict[str, BatchInputBuilder]:
 
 
 TRIM_MIN_SHARE = 0.75  # trim only when at most this share of the history columns is kept
-HISTORY_FIELDS = ("hist_item", "hist_sparse", "hist_dense", "hist_query", "hist_time", "hist_age")
+HISTORY_FIELDS = ("hist_item", "hist_sparse", "hist_dense", "hist_query", "hist_time", "hist_age", "hist_session")
+NO_SESSION = -1  # session code of a behaviour without a session id (and hist_session of padding)
 
 
 def trim_history(b: Batch, extra_ok: bool = False) -> Batch:
@@ -105,3 +111,49 @@ def trim_history(b: Batch, extra_ok: bool = False) -> Batch:
     if width > TRIM_MIN_SHARE * L:  # a few columns less do not pay for the copies (DNN at history 50: x0.9)
         return b
     return dataclasses.replace(b, **{f: getattr(b, f)[:, :width].contiguous() for f in HISTORY_FIELDS})
+
+
+def session_codes(values) -> np.ndarray:
+    """Session ids (any values; None / NaN / NA = unknown) -> int64 codes, equal exactly where the
+    ids are (1, 1.0 and "1" are one id, as for categorical features), :data:`NO_SESSION` where
+    unknown. A process-independent hash, so shards coded chunk by chunk agree with the whole table."""
+    s = pd.Series(values, dtype=object)
+    known = s.notna().to_numpy()
+    out = np.full(len(s), NO_SESSION, dtype=np.int64)
+    if known.any():
+        codes, uniq = pd.factorize(s[known])
+        keys = np.array([canonical_key(v) for v in uniq], dtype=object)
+        out[known] = (stable_hash(keys) >> np.uint64(1)).astype(np.int64)[codes]  # >= 0: never NO_SESSION
+    return out
+
+
+def session_ordinals(codes: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """[R, L] session codes of chronological, left-aligned histories -> ``Batch.hist_session``.
+
+    A new session starts where a behaviour's session id differs from that of the behaviour before it
+    with a known id; a behaviour without an id (``NO_SESSION``) continues the session before it
+    (there is no evidence of a new one), and one before any known id stays ``-1``. The ordinal counts
+    sessions back from the request: 0 = the most recent session of the window, 1 = the one before,
+    ...; padding is -1. It depends on the window only, never on the batch (serving builds the same)."""
+    R, L = codes.shape
+    known = valid & (codes != NO_SESSION)
+    pos = np.broadcast_to(np.arange(L), (R, L))
+    last = np.maximum.accumulate(np.where(known, pos, -1), axis=1)      # last known position <= j
+    filled = np.where(last >= 0, np.take_along_axis(codes, np.maximum(last, 0), 1), NO_SESSION)
+    filled = np.where(valid, filled, NO_SESSION)
+    has = filled != NO_SESSION
+    prev = np.concatenate([np.full((R, 1), NO_SESSION, dtype=np.int64), filled[:, :-1]], 1)
+    start = has & (prev != NO_SESSION) & (filled != prev)                # a session change at j
+    n = np.cumsum(start, axis=1)
+    out = n[:, -1:] - n if L else n
+    return np.where(has, out, -1).astype(np.int64)
+
+
+def history_session_ordinals(values: list) -> np.ndarray:
+    """:func:`session_ordinals` of one chronological history given as its session ids (ints,
+    strings or None), for serving: ids are compared as their canonical strings, as in training."""
+    n = len(values)
+    ids: dict[str, int] = {}
+    codes = np.fromiter((NO_SESSION if v is None else ids.setdefault(canonical_key(v), len(ids)) for v in values),
+                        dtype=np.int64, count=n)
+    return session_ordinals(codes[None, :], np.ones((1, n), dtype=bool))[0]

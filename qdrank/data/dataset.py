@@ -21,7 +21,15 @@ import torch
 
 from qdrank.config import DataConfig
 from qdrank.data import schema
-from qdrank.data.batch import MAX_POSITION, Batch, batch_input, batch_inputs
+from qdrank.data.batch import (
+    MAX_POSITION,
+    NO_SESSION,
+    Batch,
+    batch_input,
+    batch_inputs,
+    session_codes,
+    session_ordinals,
+)
 from qdrank.data.features import Feature, FeatureMap, canonical_key, infer_type
 
 SPLIT_CODES = {"train": 0, "valid": 1, "test": 2}
@@ -113,11 +121,15 @@ def encode_impressions(fmap: FeatureMap, item_index: pd.Index, imp: pd.DataFrame
 
 
 def encode_behaviors(fmap: FeatureMap, item_index: pd.Index, beh: pd.DataFrame) -> dict[str, np.ndarray]:
-    """Behaviour arrays (item rows, features, hashed query of the search it came from, time)."""
-    return {"beh_ts": beh["timestamp"].to_numpy(dtype=np.int64), "beh_item": item_rows(item_index, beh["item_id"]),
-            "beh_sparse": fmap.encode_sparse("behavior", beh), "beh_dense": fmap.encode_numeric("behavior", beh),
-            "beh_query": (encode_texts(fmap, beh["query"], BEHAVIOR_QUERY_TOKENS) if "query" in beh.columns
-                          else np.zeros((len(beh), BEHAVIOR_QUERY_TOKENS), dtype=np.int64))}
+    """Behaviour arrays (item rows, features, hashed query of the search it came from, time, and
+    ``beh_session`` codes when the table has a ``session`` column)."""
+    out = {"beh_ts": beh["timestamp"].to_numpy(dtype=np.int64), "beh_item": item_rows(item_index, beh["item_id"]),
+           "beh_sparse": fmap.encode_sparse("behavior", beh), "beh_dense": fmap.encode_numeric("behavior", beh),
+           "beh_query": (encode_texts(fmap, beh["query"], BEHAVIOR_QUERY_TOKENS) if "query" in beh.columns
+                         else np.zeros((len(beh), BEHAVIOR_QUERY_TOKENS), dtype=np.int64))}
+    if schema.SESSION in beh.columns:
+        out["beh_session"] = session_codes(beh[schema.SESSION])
+    return out
 
 
 def pack_groups(counts: np.ndarray, batch_size: int, base: int = 0) -> list[np.ndarray]:
@@ -139,8 +151,11 @@ class RequestTable:
     Arrays: per request ``request_id req_ts req_user query ctx_sparse ctx_dense imp_start imp_end
     hist_start hist_end``; per user row ``user_sparse user_dense``; per impression ``cand_item
     cand_sparse cand_dense position click purchase`` and ``oracle`` (dict); per behaviour ``beh_ts
-    beh_item beh_sparse beh_dense beh_query``.
+    beh_item beh_sparse beh_dense beh_query`` and, when the log has sessions, ``beh_session``
+    (:func:`~qdrank.data.batch.session_codes`).
     """
+
+    beh_session: np.ndarray | None = None
 
     cfg: DataConfig
     fmap: FeatureMap
@@ -171,9 +186,10 @@ class RequestTable:
             beh_dense = np.zeros((1, self.beh_dense.shape[1]), dtype=np.float32)
             beh_query = np.zeros((1, BEHAVIOR_QUERY_TOKENS), dtype=np.int64)
             beh_ts = np.zeros(1, dtype=np.int64)
+            beh_session = None
         else:
             beh_item, beh_sparse, beh_dense = self.beh_item, self.beh_sparse, self.beh_dense
-            beh_query, beh_ts = self.beh_query, self.beh_ts
+            beh_query, beh_ts, beh_session = self.beh_query, self.beh_ts, self.beh_session
         hist_item = np.where(valid, beh_item[idx], 0)
         hist_sparse = beh_sparse[idx] * valid[..., None]
         hist_dense = beh_dense[idx] * valid[..., None]
@@ -181,6 +197,8 @@ class RequestTable:
         gap = self.req_ts[rows][:, None] - beh_ts[idx]
         hist_time = np.where(valid, time_bucket(gap, self.cfg.time_buckets), 0)
         hist_age = np.where(valid, gap, 0).astype(np.float32)
+        hist_session = (session_ordinals(beh_session[idx], valid) if beh_session is not None
+                        else np.full(idx.shape, NO_SESSION, dtype=np.int64))
 
         counts = self.imp_end[rows] - self.imp_start[rows]
         cand_req = np.repeat(np.arange(len(rows)), counts)
@@ -193,7 +211,8 @@ class RequestTable:
             ctx_sparse=t(self.ctx_sparse[rows]), ctx_dense=t(self.ctx_dense[rows]),
             query=t(self.query[rows]),
             hist_item=t(hist_item), hist_sparse=t(hist_sparse), hist_dense=t(hist_dense.astype(np.float32)),
-            hist_query=t(hist_query), hist_time=t(hist_time), hist_age=t(hist_age), hist_len=t(valid.sum(1).astype(np.int64)),
+            hist_query=t(hist_query), hist_time=t(hist_time), hist_age=t(hist_age),
+            hist_session=t(hist_session), hist_len=t(valid.sum(1).astype(np.int64)),
             cand_req=t(cand_req.astype(np.int64)), cand_item=t(self.cand_item[cand]),
             cand_sparse=t(self.cand_sparse[cand]), cand_dense=t(self.cand_dense[cand]),
             position=t(self.position[cand]), click=t(self.click[cand]), purchase=t(self.purchase[cand]),

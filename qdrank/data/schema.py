@@ -44,10 +44,13 @@ OPTIONAL_TABLES = (ITEMS, USERS)
 RESERVED = {
     REQUESTS: ("request_id", "user_id", "timestamp", "query", "split"),
     IMPRESSIONS: ("request_id", "item_id", "position", "click", "purchase"),
-    BEHAVIORS: ("user_id", "item_id", "timestamp", "action", "query"),
+    BEHAVIORS: ("user_id", "item_id", "timestamp", "action", "query", "session"),
     ITEMS: ("item_id",),
     USERS: ("user_id",),
 }
+# behaviors.parquet's optional session id (int or string; null = unknown): it cuts histories into
+# sessions (Batch.hist_session), never a feature (a test session is an id no training row has)
+SESSION = "session"
 REQUIRED_COLUMNS = {
     REQUESTS: ("request_id", "user_id", "timestamp", "query"),
     IMPRESSIONS: ("request_id", "item_id", "click"),
@@ -274,6 +277,8 @@ class _Uniques:
 _TYPE_HINT = {
     "timestamp": "store unix seconds as int64, e.g. (df['timestamp'] - pd.Timestamp(0)) // pd.Timedelta('1s')",
     "position": "store int64; with missing positions use pandas' nullable dtype: df['position'].astype('Int64')",
+    SESSION: "store int64 or string ids, null for an unknown session; integer ids with nulls: "
+             "df['session'].astype('Int64')",
 }
 
 
@@ -357,6 +362,7 @@ class _IdStrings:
         what = "empty string" if v == "" else f"{len(v)} characters, longer than the {MAX_ID_CHARS} serving accepts"
         raise DatasetError(file, f"{what} (serving could never accept this {column})", column, self.hit.row, v,
                            hint="map long keys to short ones (e.g. a hash) in every table alike" if v
+                           else "write null for an unknown session" if column == SESSION
                            else "use null-free, non-empty keys")
 
 
@@ -788,9 +794,13 @@ class _Behaviors:
         _check_type(BEHAVIORS, t, "action", ("str",))
         if "query" in t.column_names:
             _check_type(BEHAVIORS, t, "query", ("str",))
+        has_session = SESSION in t.column_names
+        if has_session:
+            _check_session_type(t)
         cols = ["user_id", "item_id", "timestamp", "action"]
         nulls = {c: _Hit() for c in cols}
-        ids = {c: _IdStrings(t, c) for c in ("user_id", "item_id", "action")}
+        ids = {c: _IdStrings(t, c) for c in ("user_id", "item_id", "action") + ((SESSION,) if has_session else ())}
+        cols += [SESSION] if has_session else []
         self.clock = _Clock(BEHAVIORS, req.clock.now, lambda: (
             pc.fill_null(b.column("timestamp"), 0).to_numpy().astype(np.int64, copy=False)
             for _, b in t.batches(["timestamp"])))
@@ -824,6 +834,22 @@ class _Behaviors:
                                f"{_key_kind(imp.table, 'item_id')}: the tables would not join", "item_id")
         if t.num_rows and not matched:
             warnings.append(_no_overlap(BEHAVIORS, "user_id", first_user, REQUESTS, "no request has a history"))
+
+
+def _check_session_type(t: _Table) -> None:
+    """behaviors.parquet ``session``: int or string ids, nulls allowed (an all-null column too)."""
+    kind = _kind(t.type(SESSION))
+    if kind in ("int", "str", "null"):
+        return
+    row, value = None, None
+    for start, b in t.batches([SESSION]):
+        col = b.column(SESSION)
+        ok = ~_nulls(col)
+        if ok.any():
+            row, value = start + _first_row(ok), col[_first_row(ok)].as_py()
+            break
+    raise DatasetError(BEHAVIORS, f"session ids stored as {t.type(SESSION)}, expected int64 or string",
+                       SESSION, row, value, hint=_TYPE_HINT[SESSION])
 
 
 def _key_kind(t: _Table, column: str) -> str:

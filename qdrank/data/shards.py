@@ -276,7 +276,7 @@ def write_shards(data: str | os.PathLike, out: str | os.PathLike, cfg: DataConfi
     try:
         _scatter(tmp, files, fmap, cfg, users, item_index, shard_of, req_bucket, request_pos, n_buckets)
         del users
-        max_cands = _window_buckets(tmp, fmap, cfg, n_buckets)
+        max_cands = _window_buckets(tmp, fmap, cfg, n_buckets, schema.SESSION in beh_f.schema_arrow.names)
         _assemble(tmp, shards, row_group_size)
         shutil.rmtree(tmp / "_work")
         sparse, dense = encode_item_tables(fmap, items)
@@ -332,7 +332,8 @@ def _scatter(tmp: Path, files: dict, fmap: FeatureMap, cfg: DataConfig, users: p
             enc = encode_behaviors(fmap, item_index, df)
             cols = {"user": df["user_id"].to_numpy(), "beh_ts": enc["beh_ts"], "beh_item": enc["beh_item"],
                     **{k2: v2 for k in ("beh_sparse", "beh_dense", "beh_query")
-                       for k2, v2 in _matrix_columns(k, enc[k]).items()}}
+                       for k2, v2 in _matrix_columns(k, enc[k]).items()},
+                    **({"beh_session": enc["beh_session"]} if "beh_session" in enc else {})}
             _scatter_table(beh_w, pa.table(cols), _bucket(df["user_id"], n_buckets))
     finally:
         for w in (req_w, imp_w, beh_w):
@@ -348,9 +349,10 @@ def _scatter_table(writers: _Writers, t: pa.Table, bucket: np.ndarray) -> None:
             writers.write(int(b[part[0]]), t.take(pa.array(order[part])))
 
 
-def _window_buckets(tmp: Path, fmap: FeatureMap, cfg: DataConfig, n_buckets: int) -> int:
+def _window_buckets(tmp: Path, fmap: FeatureMap, cfg: DataConfig, n_buckets: int, sessions: bool) -> int:
     """Per user bucket: sort behaviours by (user, time), cut each request's window, group its
-    candidates, and write the finished request rows into per-shard piece files."""
+    candidates, and write the finished request rows into per-shard piece files (with the windows'
+    session codes, ``hist_session``, when the behaviours have a ``session`` column)."""
     work = tmp / "_work"
     pieces = _Writers(work / "s{:05d}.arrow")
     widths = {"user_sparse": fmap.n_slots("user"), "user_dense": fmap.n_numeric("user"),
@@ -402,9 +404,12 @@ def _window_buckets(tmp: Path, fmap: FeatureMap, cfg: DataConfig, n_buckets: int
                                           ("beh_dense", fmap.n_numeric("behavior"), pa.float32(), np.float32),
                                           ("beh_query", BEHAVIOR_QUERY_TOKENS, pa.int32(), np.int64)):
                     cols["hist_" + name[4:]] = _list(_offsets(hist_n, w), _matrix(beh, name, w, npdt)[win], dt)
+                if sessions:
+                    cols["hist_session"] = _list(ho, beh.column("beh_session").to_numpy()[win], pa.int64())
             else:
                 for name, dt in (("hist_item", pa.int32()), ("hist_ts", pa.int64()), ("hist_sparse", pa.int32()),
-                                 ("hist_dense", pa.float32()), ("hist_query", pa.int32())):
+                                 ("hist_dense", pa.float32()), ("hist_query", pa.int32()),
+                                 *((("hist_session", pa.int64()),) if sessions else ())):
                     cols[name] = _list(ho, np.zeros(0), dt)
             cols["cand_item"] = _list(co, imp.column("cand_item").to_numpy(), pa.int32())
             cols["cand_sparse"] = _list(_offsets(n_c, fmap.n_slots("candidate")),
@@ -575,4 +580,5 @@ class ShardedDataset:
             beh_sparse=rows_mat("hist_sparse", fmap.n_slots("behavior"), np.int64, n_hist),
             beh_dense=rows_mat("hist_dense", fmap.n_numeric("behavior"), np.float32, n_hist),
             beh_query=rows_mat("hist_query", BEHAVIOR_QUERY_TOKENS, np.int64, n_hist),
+            beh_session=flat("hist_session", np.int64) if "hist_session" in t.column_names else None,
         )

@@ -3,7 +3,7 @@
 Pipeline, per request (all inside :meth:`IFusion.encode_request`)::
 
     tokens          = emb.history                       (left-aligned, chronological)
-    short window    = the last ``short_len`` behaviours, cut into <= K sessions (gap rule)
+    short window    = the last ``short_len`` behaviours, cut into <= K sessions (session ids or gap rule)
     long window     = every behaviour before the short window (the issue's "the M before")
     h^L             = MLP(attention pool of the long window, query-aware)          x_0 of the diffusion
     g_cp[k], g_tf[k]= core (avg-pool + strongly regularised MLP) and transient (attention + MLP)
@@ -18,11 +18,16 @@ Pipeline, per request (all inside :meth:`IFusion.encode_request`)::
 
 Where the paper is ambiguous, and what was chosen:
 
-* Sessions: a new session starts where two consecutive behaviours are more than ``session_gap``
-  seconds apart (``Batch.hist_age`` holds each behaviour's age). ``session_gap: 0`` cuts the short
-  window into K equal chunks instead. Only the most recent K sessions keep their own slot; older
-  behaviours of the short window join the oldest slot. Sessions fill slots from the right (the
-  most recent session is slot K-1).
+* Sessions (the paper's "K sessions", ``session_source``): ``column`` takes them from the log's
+  session ids (``Batch.hist_session``, the behaviours' ``session`` column: Trivago's session_id);
+  ``gap`` starts a new session where two consecutive behaviours are more than ``session_gap``
+  seconds apart (``Batch.hist_age`` holds each behaviour's age; ``session_gap: 0`` cuts the short
+  window into K equal chunks instead); ``auto`` (default) uses the ids for a request whose short
+  window has any, the gap rule for the others (per request, so a request's sessions never depend
+  on the batch it is in). Either way only the most recent K sessions keep their own slot; older
+  behaviours of the short window join the oldest slot, and so does a behaviour with no known
+  session before it (``hist_session`` -1) in ``column`` mode. Sessions fill slots from the right
+  (the most recent session is slot K-1).
 * MARN step noise level: every session's denoiser call uses the same step ``t``; the output after
   session k (an x_0 estimate) is the "noisy" input of session k+1, as the paper says.
 * Training combination: the paper's Algorithm 1 averages the two conditional predictions
@@ -64,6 +69,7 @@ ALLOWED = {
     "fusion": ("ar", "nar"),
     "train_combine": ("guided", "average"),
     "infer_start": ("long", "noised"),
+    "session_source": ("auto", "column", "gap"),
 }
 
 
@@ -89,6 +95,8 @@ class IFusionConfig(ModelConfig):
     heads: int = 2                 # attention heads of the long-term encoder
     infer_start: str = "long"      # long: x_T = h^L (Algorithm 2) | noised: x_T = sqrt(abar_T) h^L
     reverse_noise: bool = False    # add the fixed stochastic term of eq. 19 on multi-step inference
+    session_source: str = "auto"   # column: the log's session ids | gap: session_gap rule | auto: ids where a
+    #                                request's short window has any, else the gap rule
 
 
 def validate_config(cfg: IFusionConfig) -> None:
@@ -110,12 +118,31 @@ def validate_config(cfg: IFusionConfig) -> None:
 
 
 def session_slots(hist_len: torch.Tensor, L: int, short_len: int, k: int, age: torch.Tensor | None,
-                  gap: int) -> torch.Tensor:
-    """[R, L] session slot (0..k-1, most recent = k-1) of each short-window token; -1 elsewhere."""
+                  gap: int, session: torch.Tensor | None = None, source: str = "gap") -> torch.Tensor:
+    """[R, L] session slot (0..k-1, most recent = k-1) of each short-window token; -1 elsewhere.
+
+    ``source``: ``gap`` (the ``gap`` rule on ``age``, or k equal chunks), ``column`` (the session
+    ordinals ``session`` = ``Batch.hist_session``) or ``auto`` (column for the requests whose short
+    window has a session id, gap for the others)."""
     pos = torch.arange(L, device=hist_len.device)
     n = hist_len.unsqueeze(1)
     start = (n - short_len).clamp_min(0)
     in_window = (pos >= start) & (pos < n)
+    if source == "gap" or session is None:
+        slot = _gap_slots(pos, n, start, in_window, k, age, gap)
+    else:
+        # ordinals count sessions back from the request: the window's most recent one -> slot k-1
+        known = in_window & (session >= 0)
+        newest = torch.where(known, session, torch.full_like(session, L + 1)).min(1, keepdim=True).values
+        col = torch.where(known, (k - 1 - (session - newest)).clamp_min(0), torch.zeros_like(session))
+        slot = col if source == "column" else torch.where(known.any(1, keepdim=True), col, _gap_slots(
+            pos, n, start, in_window, k, age, gap))
+    return torch.where(in_window, slot, torch.full_like(slot, -1))
+
+
+def _gap_slots(pos: torch.Tensor, n: torch.Tensor, start: torch.Tensor, in_window: torch.Tensor, k: int,
+               age: torch.Tensor | None, gap: int) -> torch.Tensor:
+    """:func:`session_slots` by the gap rule (or k equal chunks), before masking to the window."""
     if age is not None and gap > 0:
         prev = torch.cat([age[:, :1], age[:, :-1]], 1)
         boundary = in_window & (pos > start) & ((prev - age) > gap)
@@ -127,7 +154,7 @@ def session_slots(hist_len: torch.Tensor, L: int, short_len: int, k: int, age: t
         slot = (pos - start).clamp_min(0) * k // size                 # k equal chunks, right-aligned
         slot = slot + (k - 1 - ((size - 1) * k // size))
         slot = slot.clamp(0, k - 1)
-    return torch.where(in_window, slot, torch.full_like(slot, -1))
+    return slot
 
 
 class IFusion(RankModel):
@@ -240,7 +267,7 @@ class IFusion(RankModel):
         tokens, mask = self.emb.history(batch), batch.hist_mask
         q = self.emb.query(batch)
         slots = session_slots(batch.hist_len, mask.shape[1], c.short_len, c.sessions,
-                              batch.hist_age, c.session_gap)
+                              batch.hist_age, c.session_gap, batch.hist_session, c.session_source)
         long_mask = mask & (slots < 0) & (torch.arange(mask.shape[1], device=mask.device)[None]
                                           < (batch.hist_len - c.short_len).clamp_min(0)[:, None])
         h_long = self.long_term(tokens, long_mask, q)

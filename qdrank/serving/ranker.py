@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from qdrank.config import DataConfig, RunConfig
-from qdrank.data.batch import TENSOR_FIELDS, Batch
+from qdrank.data.batch import NO_SESSION, TENSOR_FIELDS, Batch, history_session_ordinals
 from qdrank.data.dataset import BEHAVIOR_QUERY_TOKENS, time_bucket
 from qdrank.data.features import Feature, FeatureMap, canonical_key, standardize_numeric
 from qdrank.serving.schemas import (
@@ -313,6 +313,7 @@ class RequestEncoder:
         hist_query = np.zeros((1, L, BEHAVIOR_QUERY_TOKENS), dtype=np.int64)
         hist_time = np.zeros((1, L), dtype=np.int64)
         hist_age = np.zeros((1, L), dtype=np.float32)
+        hist_session = np.full((1, L), NO_SESSION, dtype=np.int64)
         unknown_hist = 0
         if n:
             if isinstance(hist, dict):
@@ -329,6 +330,9 @@ class RequestEncoder:
             gaps = ts - np.fromiter(times, dtype=np.int64, count=n)
             hist_time[0, :n] = time_bucket(gaps, self.fmap.time_buckets)
             hist_age[0, :n] = np.maximum(gaps, 0)
+            sessions = hist.get("session") if isinstance(hist, dict) else [h.get("session") for h in hist]
+            if sessions is not None and sessions.count(None) != n:
+                hist_session[0, :n] = history_session_ordinals(sessions)
 
         # candidates
         cands = req["candidates"]
@@ -342,7 +346,7 @@ class RequestEncoder:
             request_id=torch.zeros(1, dtype=torch.long),
             user_sparse=t(user_sp), user_dense=t(user_de), ctx_sparse=t(ctx_sp), ctx_dense=t(ctx_de),
             query=t(query), hist_item=t(hist_item), hist_sparse=t(hist_sparse), hist_dense=t(hist_dense),
-            hist_query=t(hist_query), hist_time=t(hist_time), hist_age=t(hist_age),
+            hist_query=t(hist_query), hist_time=t(hist_time), hist_age=t(hist_age), hist_session=t(hist_session),
             hist_len=torch.tensor([n], dtype=torch.long),
             cand_req=torch.zeros(N, dtype=torch.long), cand_item=t(cand_item), cand_sparse=t(cand_sp),
             cand_dense=t(cand_de), position=torch.zeros(N, dtype=torch.long), click=torch.zeros(N),
@@ -428,7 +432,7 @@ class OnnxScorer:
 # ---- traced request encoding -------------------------------------------------------------------------
 #: the Batch fields of the request side (what ``encode_request`` may read)
 REQUEST_FIELDS = ("request_id", "user_sparse", "user_dense", "ctx_sparse", "ctx_dense", "query", "hist_item",
-                  "hist_sparse", "hist_dense", "hist_query", "hist_time", "hist_age", "hist_len")
+                  "hist_sparse", "hist_dense", "hist_query", "hist_time", "hist_age", "hist_session", "hist_len")
 
 
 class _RequestSide(torch.nn.Module):

@@ -13,6 +13,8 @@ code agree):
   :data:`MAX_ID_LENGTH` characters. Strings are never turned into numbers (a 257-digit string is
   refused, not read as an int). An integral float (``7.0``) is read as the int.
 * ``timestamp``: integer seconds in [-2**40, 2**40].
+* a behaviour's optional ``session`` (inline history, events): an id as above, or null (unknown);
+  consecutive behaviours with different ids start a new session (``Batch.hist_session``).
 * feature values: string (<= 4096 characters), finite number, bool, null, or a list (<= 1024) of
   those. Objects are refused. Numeric features also take a numeric string (``"19.9"``); their
   standardised value is clipped to +/- :data:`NUMERIC_Z_CLIP` (so ``1e300`` cannot blow up a score).
@@ -43,7 +45,7 @@ TS_MIN, TS_MAX = -TS_LIMIT, TS_LIMIT  # seconds; keeps time gaps far from int64 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 NUMBER_RE = re.compile(r"^[ \t\n\r]*[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?[ \t\n\r]*$")
 NUMBER_PATTERN = NUMBER_RE.pattern
-BEHAVIOR_FIELDS = ("item_id", "timestamp", "action", "query")
+BEHAVIOR_FIELDS = ("item_id", "timestamp", "action", "query", "session")
 RANK_FIELDS = ("user_id", "query", "context", "profile", "timestamp", "history", "candidates")
 
 
@@ -191,6 +193,9 @@ def _column_ok(vals: list, kind: str) -> bool:
                 and min(map(len, strs)) >= 1 and max(map(len, strs)) <= MAX_ID_LENGTH)
     if kind == "timestamp":
         return types == {int} and TS_MIN <= min(vals) and max(vals) <= TS_MAX
+    if kind == "session":  # an id or null
+        ids = [v for v in vals if v is not None]
+        return not ids or _column_ok(ids, "id")
     if kind == "action":
         return types == {str} and min(map(len, vals)) >= 1 and max(map(len, vals)) <= MAX_ID_LENGTH
     if kind == "query":
@@ -221,6 +226,8 @@ def _check_one(v: Any, kind: str, loc: tuple) -> Any:
         return check_id(v, loc)
     if kind == "timestamp":
         return check_timestamp(v, loc)
+    if kind == "session":
+        return v if v is None else check_id(v, loc)
     if kind == "action":
         return check_string(v, loc, MAX_ID_LENGTH, 1)
     if kind == "query":
@@ -283,7 +290,7 @@ def _check_row(r: dict, loc: tuple, fields: dict[str, tuple[str, bool]], known: 
 
 CANDIDATE_FIELDS = {"item_id": ("id", True)}
 BEHAVIOR_KINDS = {"item_id": ("id", True), "timestamp": ("timestamp", True), "action": ("action", True),
-                  "query": ("query", False)}
+                  "query": ("query", False), "session": ("session", False)}
 EVENT_KINDS = {"user_id": ("id", True), **BEHAVIOR_KINDS}
 
 
@@ -431,7 +438,9 @@ def request_openapi(known: dict[str, dict[str, str]], max_candidates: int, max_h
     q = {"type": "string", "maxLength": MAX_QUERY_CHARS}
     behavior = {"item_id": ID_SCHEMA, "timestamp": TS_SCHEMA,
                 "action": {"type": "string", "minLength": 1, "maxLength": MAX_ID_LENGTH},
-                "query": {"anyOf": [q, {"type": "null"}]}}
+                "query": {"anyOf": [q, {"type": "null"}]},
+                "session": {"anyOf": [*ID_SCHEMA["anyOf"], {"type": "null"}],
+                            "description": "session id; null = unknown"}}
     ctx = _object({}, [], feats["context"], "request features (the dataset's request columns)")
     prof = _object({}, [], feats["user"], "user features; override the store's profile")
     schemas = {
@@ -502,6 +511,7 @@ class Behavior(_Extra):
     timestamp: Timestamp
     action: Annotated[str, StringConstraints(min_length=1, max_length=MAX_ID_LENGTH)]
     query: Annotated[str, StringConstraints(max_length=MAX_QUERY_CHARS)] | None = None
+    session: Id | None = None
 
 
 class Event(Behavior):

@@ -3,14 +3,16 @@
 Tables::
 
     behaviors(id INTEGER PRIMARY KEY, user_id TEXT, timestamp INTEGER, item_id TEXT, action TEXT,
-              query TEXT, features TEXT)      -- features: JSON of extra behaviour columns, or NULL
+              query TEXT, features TEXT,      -- features: JSON of extra behaviour columns, or NULL
+              session TEXT)                   -- the behaviour's session id (canonical string), or NULL
     users(user_id TEXT PRIMARY KEY, profile TEXT)   -- JSON of the users.parquet columns
     meta(key TEXT PRIMARY KEY, value TEXT)
 
 indexed by ``(user_id, timestamp)``. User and item ids are stored as their canonical strings (the
 same keys the feature map uses, so ``7``, ``7.0`` and ``"7"`` are one user). Behaviours with equal
 timestamps keep insertion order (``id``), which for a loaded dataset is its file order, the order
-the training loader uses.
+the training loader uses. A store created before the ``session`` column existed gets it (all NULL)
+when it is opened.
 
 One connection guarded by a lock: reads are ~tens of microseconds, far below model time, and the
 file is opened in WAL mode so ``qdrank store load`` or another process can write beside a server.
@@ -39,13 +41,14 @@ CREATE TABLE IF NOT EXISTS behaviors (
     item_id TEXT NOT NULL,
     action TEXT NOT NULL,
     query TEXT,
-    features TEXT
+    features TEXT,
+    session TEXT
 );
 CREATE TABLE IF NOT EXISTS users (user_id TEXT PRIMARY KEY, profile TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
 """
 _INDEX = "CREATE INDEX IF NOT EXISTS behaviors_user_time ON behaviors (user_id, timestamp)"
-_RESERVED_BEH = ("user_id", "item_id", "timestamp", "action", "query")
+_RESERVED_BEH = ("user_id", "item_id", "timestamp", "action", "query", schema.SESSION)
 
 
 def user_key(user_id: Any) -> str:
@@ -67,6 +70,8 @@ class HistoryStore:
             c.execute("PRAGMA journal_mode=WAL")
         c.execute("PRAGMA synchronous=NORMAL")
         c.executescript(_SCHEMA)
+        if "session" not in {row[1] for row in c.execute("PRAGMA table_info(behaviors)")}:
+            c.execute("ALTER TABLE behaviors ADD COLUMN session TEXT")  # a store made before sessions
         c.execute(_INDEX)
 
     def close(self) -> None:
@@ -81,13 +86,13 @@ class HistoryStore:
 
     # ---- reads --------------------------------------------------------------------------------
     def _recent(self, user_id: Any, before: int, limit: int) -> list[tuple]:
-        """(item_id, timestamp, action, query, features JSON) of the user's most recent ``limit``
-        behaviours with timestamp < ``before``, chronological."""
+        """(item_id, timestamp, action, query, features JSON, session) of the user's most recent
+        ``limit`` behaviours with timestamp < ``before``, chronological."""
         if limit <= 0:
             return []
         with self._lock:
             rows = self._conn.execute(
-                "SELECT item_id, timestamp, action, query, features FROM behaviors "
+                "SELECT item_id, timestamp, action, query, features, session FROM behaviors "
                 "WHERE user_id = ? AND timestamp < ? ORDER BY timestamp DESC, id DESC LIMIT ?",
                 (user_key(user_id), int(before), int(limit))).fetchall()
         rows.reverse()
@@ -96,21 +101,24 @@ class HistoryStore:
     def history(self, user_id: Any, before: int, limit: int) -> list[dict[str, Any]]:
         """The user's most recent ``limit`` behaviours with timestamp < ``before``, chronological."""
         out = []
-        for item, ts, action, query, feats in self._recent(user_id, before, limit):
+        for item, ts, action, query, feats, session in self._recent(user_id, before, limit):
             d = json.loads(feats) if feats else {}
             d.update(item_id=item, timestamp=ts, action=action, query=query)
+            if session is not None:
+                d["session"] = session
             out.append(d)
         return out
 
     def history_columns(self, user_id: Any, before: int, limit: int) -> dict[str, list]:
-        """:meth:`history` by column (``item_id``, ``timestamp``, ``action``, ``query``, then every
-        behaviour feature some row has; None where a row lacks it): no dict per behaviour, which is
-        most of the cost of a 10,000-behaviour read."""
+        """:meth:`history` by column (``item_id``, ``timestamp``, ``action``, ``query``, ``session``,
+        then every behaviour feature some row has; None where a row lacks it): no dict per behaviour,
+        which is most of the cost of a 10,000-behaviour read."""
         rows = self._recent(user_id, before, limit)
         if not rows:
-            return {"item_id": [], "timestamp": [], "action": [], "query": []}
-        item, ts, action, query, feats = map(list, zip(*rows))
-        out: dict[str, list] = {"item_id": item, "timestamp": ts, "action": action, "query": query}
+            return {"item_id": [], "timestamp": [], "action": [], "query": [], "session": []}
+        item, ts, action, query, feats, session = map(list, zip(*rows))
+        out: dict[str, list] = {"item_id": item, "timestamp": ts, "action": action, "query": query,
+                                "session": session}
         if feats.count(None) != len(feats):
             parsed = [json.loads(f) if f else {} for f in feats]
             for k in dict.fromkeys(k for d in parsed for k in d):
@@ -133,12 +141,14 @@ class HistoryStore:
     # ---- writes -------------------------------------------------------------------------------
     def append(self, events: Iterable[dict[str, Any]]) -> int:
         """Append behaviours: dicts with user_id, item_id, timestamp, action, optional query and
-        behaviour features (every other key)."""
+        session, and behaviour features (every other key)."""
         rows = []
         for e in events:
             feats = {k: v for k, v in e.items() if k not in _RESERVED_BEH}
+            session = e.get(schema.SESSION)
             rows.append((user_key(e["user_id"]), int(e["timestamp"]), canonical_key(e["item_id"]), str(e["action"]),
-                         e.get("query"), json.dumps(feats, allow_nan=False) if feats else None))
+                         e.get("query"), json.dumps(feats, allow_nan=False) if feats else None,
+                         None if session is None else canonical_key(session)))
         self._insert_behaviors(rows)
         return len(rows)
 
@@ -154,7 +164,7 @@ class HistoryStore:
             self._conn.execute("BEGIN")
             try:
                 self._conn.executemany("INSERT INTO behaviors (user_id, timestamp, item_id, action, query, "
-                                       "features) VALUES (?, ?, ?, ?, ?, ?)", rows)
+                                       "features, session) VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
                 self._conn.execute("COMMIT")
             except BaseException:
                 self._conn.execute("ROLLBACK")
@@ -167,7 +177,8 @@ class HistoryStore:
 
     # ---- bulk load ----------------------------------------------------------------------------
     def load_dataset(self, data_dir: str | Path, chunk: int = 200_000, replace: bool = True) -> dict[str, int]:
-        """Load a canonical dataset's behaviours.parquet (and users.parquet profiles)."""
+        """Load a canonical dataset's behaviours.parquet (its ``session`` column too, when it has
+        one) and users.parquet profiles."""
         data_dir = Path(data_dir)
         schema.validate_dataset(data_dir)
         if replace:
@@ -182,6 +193,13 @@ class HistoryStore:
             query = beh["query"].astype(object).where(beh["query"].notna(), None).tolist()
         else:
             query = [None] * len(beh)
+        session: list[str | None] = [None] * len(beh)
+        if schema.SESSION in beh.columns:
+            col = beh[schema.SESSION]
+            known = col.notna().to_numpy()
+            codes = np.full(len(beh), None, dtype=object)
+            codes[known] = _keys(col[known])
+            session = codes.tolist()
         feats: list[str | None] = [None] * len(beh)
         if extra:
             feats = beh[extra].to_json(orient="records", lines=True).splitlines()
@@ -190,7 +208,7 @@ class HistoryStore:
             for s in range(0, len(beh), chunk):
                 e = min(s + chunk, len(beh))
                 self._insert_behaviors(list(zip(users[s:e], ts[s:e], items[s:e], action[s:e], query[s:e],
-                                                feats[s:e])))
+                                                feats[s:e], session[s:e])))
         finally:
             with self._lock:
                 self._conn.execute(_INDEX)
