@@ -70,7 +70,23 @@ CASES = [
      ["behaviors.parquet", "'user_id'", "would not join"]),
     ("bad split", lambda: _mutate("requests.parquet", lambda d: d.assign(split=["train", "dev", "test"])),
      ["requests.parquet", "'split'", "row 1", "'dev'"]),
+    ("float session ids", lambda: _mutate("behaviors.parquet", lambda d: d.assign(session=[None, 1.0, 2.5])),
+     ["behaviors.parquet", "'session'", "row 1", "expected int64 or string", "astype('Int64')"]),
+    ("list session ids", lambda: _mutate("behaviors.parquet", lambda d: d.assign(session=[["a"], ["b"], None])),
+     ["behaviors.parquet", "'session'", "row 0", "expected int64 or string"]),
+    ("empty session id", lambda: _mutate("behaviors.parquet", lambda d: d.assign(session=["s1", "", None])),
+     ["behaviors.parquet", "'session'", "row 1", "empty string", "null for an unknown session"]),
+    ("session id too long", lambda: _mutate("behaviors.parquet", lambda d: d.assign(session=["s", None, "x" * 300])),
+     ["behaviors.parquet", "'session'", "row 2", "300 characters"]),
 ]
+
+
+@pytest.mark.parametrize("session", [pd.array([7, None, 7], dtype="Int64"), ["s1", None, "s2"], [None, None, None]],
+                         ids=["int-with-nulls", "str-with-nulls", "all-null"])
+def test_session_column_is_optional_and_nullable(tmp_path, session):
+    t = _mutate("behaviors.parquet", lambda d: d.assign(session=session))
+    rep = validate_dataset(write_raw(tmp_path / "d", t))
+    assert rep.n_behaviors == 3 and not [w for w in rep.warnings if "session" in w]
 
 
 @pytest.mark.parametrize("name,make,expected", CASES, ids=[c[0] for c in CASES])

@@ -217,12 +217,13 @@ def test_store_history_columns_equal_rows(tmp_path):
 
     with HistoryStore(tmp_path / "s.sqlite") as st:
         st.append([{"user_id": 7, "item_id": i, "timestamp": 100 + i % 5, "action": "click",
-                    "query": None if i % 3 == 0 else f"q{i}", **({"dwell": i} if i % 2 else {})}
+                    "query": None if i % 3 == 0 else f"q{i}", **({"dwell": i} if i % 2 else {}),
+                    **({"session": i // 10 if i % 4 else f"s{i // 10}"} if i % 7 else {})}
                    for i in range(40)])
         for before, limit in ((1000, 25), (103, 100), (50, 10)):
             rows = st.history(7, before, limit)
             cols = st.history_columns(7, before, limit)
-            names = {k for r in rows for k in r} | {"item_id", "timestamp", "action", "query"}
+            names = {k for r in rows for k in r} | {"item_id", "timestamp", "action", "query", "session"}
             assert set(cols) == names
             for k in names:
                 assert cols[k] == [r.get(k) for r in rows], k

@@ -29,7 +29,7 @@ ORACLE = ("true_ctr", "true_cvr")
 def odd_log(path):
     """String user ids, behaviours tied at one second (also with requests), a list feature, a
     nullable category, an int feature with nulls (numeric), unknown positions and purchases,
-    requests without impressions, a users table that lacks some users."""
+    requests without impressions, a users table that lacks some users, session ids with nulls."""
     rng = np.random.default_rng(3)
     n_req, n_users, n_items = 400, 30, 90
     ts = rng.integers(1_000, 60_000, n_req) // 50 * 50          # many requests share a second
@@ -62,6 +62,9 @@ def odd_log(path):
         "action": rng.choice(["view", "click", "buy"], n_beh),
         "dwell": rng.exponential(3.0, n_beh),
     })
+    # session ids: ~8 hours of a user, some unknown (null); consecutive behaviours change sessions
+    beh["session"] = [None if i % 7 == 0 else f"{u}-{t // 30_000}" for i, (u, t) in
+                      enumerate(zip(beh["user_id"], beh["timestamp"]))]
     users = pd.DataFrame({"user_id": [f"u{k}" for k in range(0, n_users, 2)],
                           "tier": [f"t{k % 3}" for k in range(0, n_users, 2)]})
     write_dataset(path, {"requests.parquet": req, "impressions.parquet": imp, "behaviors.parquet": beh,
@@ -117,6 +120,11 @@ def test_streamed_batches_equal_in_memory_batches(data_dir, tmp_path):
         assert_same_batches(a, b)
         assert sd.n_requests(split) == len(ds.requests_of(split))
     assert any(int(b.hist_len.max()) == cfg.max_history for b in sd.iter_batches("test", 97))  # windows cut
+    sessions = torch.cat([b.hist_session for b in sd.iter_batches("train", 97)])
+    if "session" in pd.read_parquet(data_dir / "behaviors.parquet").columns:  # several sessions per window
+        assert int(sessions.max()) >= 1 and bool((sessions == -1).any())
+    else:
+        assert bool((sessions == -1).all())
     s1, d1 = ds.item_tables()
     s2, d2 = sd.item_tables()
     assert np.array_equal(s1, s2) and np.array_equal(d1, d2)

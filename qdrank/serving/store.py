@@ -103,9 +103,7 @@ class HistoryStore:
         out = []
         for item, ts, action, query, feats, session in self._recent(user_id, before, limit):
             d = json.loads(feats) if feats else {}
-            d.update(item_id=item, timestamp=ts, action=action, query=query)
-            if session is not None:
-                d["session"] = session
+            d.update(item_id=item, timestamp=ts, action=action, query=query, session=session)
             out.append(d)
         return out
 
