@@ -96,6 +96,31 @@ def test_export_parity_every_model(name, fmt, tiny_runs, tmp_path):
     assert seen_lengths == {0, 1, 5, 12, cfg.data.max_history}
 
 
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_ifusion_export_reads_session_ids(fmt, tiny_runs, tmp_path):
+    """The exported iFusion takes hist_session as an input and scores as the model does with session
+    ids (the example it was traced on has none) and without."""
+    import dataclasses
+
+    from qdrank.data.batch import history_session_ordinals
+
+    model, cfg, run = tiny_runs("ifusion")
+    out = export_run(run, fmt, tmp_path / f"ifusion.{fmt}")
+    exported = _scorer(fmt, out)
+    for n_hist, n_cand in ((12, 5), (20, 3), (3, 2)):
+        b = example_batch(run_fmap(run), cfg, n_candidates=n_cand, n_history=n_hist)
+        n = int(b.hist_len[0])
+        sess = b.hist_session.clone()
+        sess[0, :n] = torch.from_numpy(history_session_ordinals([None] + [f"s{i // 3}" for i in range(1, n)]))
+        with_ids = dataclasses.replace(b, hist_session=sess)
+        with torch.inference_mode():
+            ref, plain = model(with_ids, use_position=False), model(b, use_position=False)
+        ctr, cvr = exported(with_ids)
+        assert np.abs(ctr - ref.ctr_logit.numpy()).max() < TOL and np.abs(cvr - ref.cvr_logit.numpy()).max() < TOL
+        assert np.abs(ctr - plain.ctr_logit.numpy()).max() > 10 * TOL  # the ids changed the sessions
+        assert np.abs(exported(b)[0] - plain.ctr_logit.numpy()).max() < TOL
+
+
 def run_fmap(run: Path):
     import json
 

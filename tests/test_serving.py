@@ -111,6 +111,7 @@ def test_serving_matches_training_batches(ranker, tiny_data):
         enc = ranker.encode(request_body(tiny_data, row))
         b = ds.make_batch(np.array([ds_row]))
         assert int(enc.batch.hist_len[0]) == int(b.hist_len[0])
+        assert torch.equal(enc.batch.hist_session, b.hist_session)  # no session column: all -1 (test_sessions.py)
         with torch.inference_mode():
             ref = ranker.model(b, use_position=False)
         ctr, cvr = ranker.logits(enc.batch)

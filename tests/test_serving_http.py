@@ -113,6 +113,25 @@ def test_events_then_rank_sees_them(server, tiny_data):
         assert st.history(body["user_id"], ts, 1)[0]["timestamp"] == ts - 5
 
 
+def test_events_and_inline_histories_take_a_session(server, tiny_data):
+    client, ranker = server
+    ev = {"user_id": "session-user", "item_id": 1, "timestamp": 1000, "action": "click"}
+    r = client.post("/v1/events", json={"events": [{**ev, "session": "s1"}, {**ev, "timestamp": 1001, "session": 9},
+                                                   {**ev, "timestamp": 1002, "session": None}]})
+    assert r.status_code == 200 and r.json() == {"appended": 3}
+    assert [h["session"] for h in ranker.store.history("session-user", 2000, 10)] == ["s1", "9", None]
+    r = client.post("/v1/events", json={"events": [{**ev, "session": 1.5}]})
+    assert r.status_code == 422 and _detail_locs(r) == [("body", "events", 0, "session")]
+    body = request_body(tiny_data, 700)
+    hist = [{"item_id": 1, "timestamp": body["timestamp"] - 10, "action": "click", "session": s} for s in ("a", {})]
+    r = client.post("/v1/rank", json={**body, "history": hist})
+    assert r.status_code == 422 and _detail_locs(r) == [("body", "history", 1, "session")]
+    r = client.post("/v1/rank", json={**body, "history": hist[:1]})
+    assert r.status_code == 200 and r.json()["history_used"] == 1
+    api = client.get("/openapi.json").json()["components"]["schemas"]
+    assert "session" in api["Behavior"]["properties"] and "session" in api["Event"]["properties"]
+
+
 def _detail_locs(r) -> list:
     return [tuple(e["loc"]) for e in r.json()["detail"]]
 
