@@ -90,6 +90,25 @@ def test_trivago_no_history_leak(converted):
     assert all(k in keys for k in zip(beh["user_id"], beh["timestamp"], strict=True))
 
 
+def test_trivago_sessions_as_given(converted):
+    """Behaviours carry the log's session_id as ``session``, and histories are cut by it."""
+    from conftest import tiny_config
+
+    from qdrank.data.dataset import SearchLogDataset
+
+    beh = read(converted["trivago"])["behaviors"]
+    assert beh["session"].notna().all()
+    src = pd.read_parquet(source_dir("trivago") / "trivago_val_100k.parquet",
+                          columns=["user_id", "session_id", "timestamp", "reference"])
+    keys = set(zip(src["user_id"], src["session_id"], src["timestamp"], src["reference"], strict=True))
+    assert all(k in keys for k in zip(beh["user_id"], beh["session"], beh["timestamp"], beh["item_id"], strict=True))
+    assert beh.groupby("user_id")["session"].nunique().max() > 1
+    ds = SearchLogDataset(converted["trivago"], tiny_config("ifusion").data, log=lambda m: None)
+    assert "session" not in ds.fmap.features
+    b = ds.make_batch(ds.requests_of("test"))
+    assert bool((b.hist_session[b.hist_mask] >= 0).all()) and int(b.hist_session.max()) >= 1
+
+
 def test_trivago_missing_column_is_named(tmp_path):
     df = pd.read_parquet(source_dir("trivago") / "trivago_val_100k.parquet").drop(columns=["prices"])
     bad = tmp_path / "in"

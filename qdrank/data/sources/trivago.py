@@ -22,7 +22,8 @@ Derivation
   ``clickout item`` -> ``clickout`` (including the clickout that *is* a request: the loader's
   strict ``timestamp <`` history rule keeps it out of that request's own history). Behaviour
   ``query`` = the session's query context at that step (same construction as above).
-  ``search for item`` rows are not logged as behaviours.
+  ``search for item`` rows are not logged as behaviours. Behaviour ``session`` = the row's
+  ``session_id`` (the log's own sessions, which iFusion's ``session_source: auto`` uses).
 * **users.parquet**: ``first_platform`` = platform of the user's first logged action.
   **items.parquet** (only with ``item_metadata.csv``): ``properties`` list feature.
 * Gate: ``first_platform``, ``platform``, ``device``, ``city``. Item and user ids are strings.
@@ -198,12 +199,12 @@ def prepare(input: Path, out: Path, *, seed: int = 0, **options) -> ValidationRe
         "timestamp": b["timestamp"].to_numpy(),
         "action": b["action_type"].map(ITEM_ACTIONS).to_numpy(),
         "query": query[b.index].to_numpy(),
+        "session": b["session_id"].to_numpy(),
         "_step": b["step"].to_numpy(),
-        "_session": b["session_id"].to_numpy(),
     })
-    behaviors = behaviors.sort_values(["user_id", "timestamp", "_session", "_step"], kind="stable",
-                                      ignore_index=True).drop(columns=["_step", "_session"])
-    for c in ("user_id", "item_id", "action", "query"):
+    behaviors = behaviors.sort_values(["user_id", "timestamp", "session", "_step"], kind="stable",
+                                      ignore_index=True).drop(columns=["_step"])
+    for c in ("user_id", "item_id", "action", "query", "session"):
         behaviors[c] = behaviors[c].astype("str")
 
     # ---- users / items
