@@ -153,7 +153,12 @@ def history_session_ordinals(values: list) -> np.ndarray:
     """:func:`session_ordinals` of one chronological history given as its session ids (ints,
     strings or None), for serving: ids are compared as their canonical strings, as in training."""
     n = len(values)
-    ids: dict[str, int] = {}
-    codes = np.fromiter((NO_SESSION if v is None else ids.setdefault(canonical_key(v), len(ids)) for v in values),
-                        dtype=np.int64, count=n)
+    if not set(map(type, values)) <= {str, type(None)}:  # the store's are strings already
+        values = [None if v is None else canonical_key(v) for v in values]
+    # only a known id against the previous known one matters: number the runs of equal ids
+    ids = np.array(values, dtype=object)
+    known = np.not_equal(ids, None)
+    ids = ids[known]
+    codes = np.full(n, NO_SESSION, dtype=np.int64)
+    codes[known] = np.concatenate([np.zeros(min(len(ids), 1), dtype=np.int64), np.cumsum(ids[1:] != ids[:-1])])
     return session_ordinals(codes[None, :], np.ones((1, n), dtype=bool))[0]
