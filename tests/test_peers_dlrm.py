@@ -67,22 +67,23 @@ def without_history(b, rows):
     k2, k3 = keep[:, None], keep[:, None, None]
     return replace(b, hist_item=b.hist_item * k2, hist_sparse=b.hist_sparse * k3,
                    hist_dense=b.hist_dense * k3, hist_query=b.hist_query * k3, hist_time=b.hist_time * k2, hist_age=b.hist_age * k2,
-                   hist_len=b.hist_len * keep, query=b.query * k2)
+                   hist_session=torch.where(k2, b.hist_session, -1), hist_len=b.hist_len * keep, query=b.query * k2)
 
 
 def pad_history(b, extra):
-    def pad(x):
-        z = x.new_zeros(x.shape[0], extra, *x.shape[2:])
+    def pad(x, value=0):
+        z = x.new_full((x.shape[0], extra, *x.shape[2:]), value)
         return torch.cat([x, z], dim=1)
     return replace(b, hist_item=pad(b.hist_item), hist_sparse=pad(b.hist_sparse), hist_dense=pad(b.hist_dense),
                    hist_query=pad(b.hist_query), hist_time=pad(b.hist_time),
-                   hist_age=pad(b.hist_age))
+                   hist_age=pad(b.hist_age), hist_session=pad(b.hist_session, -1))
 
 
 def truncate_history(b, n):
     """Keep the first ``n`` history columns (still left-aligned, chronological)."""
     return replace(b, hist_item=b.hist_item[:, :n], hist_sparse=b.hist_sparse[:, :n], hist_dense=b.hist_dense[:, :n],
-                   hist_query=b.hist_query[:, :n], hist_time=b.hist_time[:, :n], hist_age=b.hist_age[:, :n], hist_len=b.hist_len.clamp_max(n))
+                   hist_query=b.hist_query[:, :n], hist_time=b.hist_time[:, :n], hist_age=b.hist_age[:, :n],
+                   hist_session=b.hist_session[:, :n], hist_len=b.hist_len.clamp_max(n))
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
