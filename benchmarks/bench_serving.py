@@ -112,7 +112,7 @@ def per_pair_batch(b: Batch) -> Batch:
     n = b.cand_item.shape[0]
     rep = {f.name: getattr(b, f.name) for f in dataclasses.fields(Batch)}
     for k in ("request_id", "user_sparse", "user_dense", "ctx_sparse", "ctx_dense", "query", "hist_item",
-              "hist_sparse", "hist_dense", "hist_query", "hist_time", "hist_age", "hist_len"):
+              "hist_sparse", "hist_dense", "hist_query", "hist_time", "hist_age", "hist_session", "hist_len"):
         rep[k] = rep[k].expand(n, *rep[k].shape[1:]).contiguous()
     rep["cand_req"] = torch.arange(n)
     return Batch(**rep)
