@@ -171,6 +171,18 @@ def test_session_mode_writes_sessions_with_moods(tmp_path):
     imp_s = pd.read_parquet(tmp_path / "s" / "impressions.parquet")
     imp_p = pd.read_parquet(tmp_path / "p" / "impressions.parquet")
     assert len(imp_s) == len(imp_p) and not imp_s["true_ctr"].equals(imp_p["true_ctr"])
+    # the true session of every behaviour: history sessions are blocks of SESSION_LEN consecutive
+    # behaviours of a user; a request's own session holds its prefix and its outcomes
+    assert beh["session"].notna().all() and "session" not in pd.read_parquet(tmp_path / "p" / "behaviors.parquet")
+    h = beh[beh.session.str.startswith("h")]
+    assert h.groupby(["user_id", "session"]).size().max() == synthetic.SESSION_LEN
+    assert (h.groupby(["user_id", "session"])["timestamp"].agg(lambda t: t.max() - t.min()) < 1800).all()
+    r = beh[beh.session.str.startswith("r")]
+    rid = r.session.str[1:].astype(int)
+    when = req.set_index("request_id").loc[rid]
+    assert (when["user_id"].to_numpy() == r["user_id"].to_numpy()).all()
+    assert ((when["timestamp"].to_numpy() - r["timestamp"].to_numpy()) <= 1200).all()
+    assert r.session.nunique() == len(req)  # every request has its own session
     with pytest.raises(ValueError, match="session_drift"):
         synthetic.prepare(None, tmp_path / "x", session_drift=1.5, **small)
 

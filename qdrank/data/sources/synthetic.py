@@ -97,7 +97,9 @@ level ``m_s`` uniform in 1..5. Within a session the preferred price level in ``z
 engaged-item choice is ``(1 - session_drift) * p_u + session_drift * m_s`` instead of ``p_u``. Every
 request also gets ``Poisson(session_behaviors - 1) + 1`` behaviours of its own session 1-20 minutes
 before it (searches as above, same mood), so its short-term history reveals the mood while the
-long history reveals ``p_u``: ranking well needs both.
+long history reveals ``p_u``: ranking well needs both. Each behaviour carries its true session id in the reserved
+``session`` column (``h<n>`` for a history session, ``r<request_id>`` for a request's own session);
+the other columns are the same with or without it.
 
 With the defaults the click rate is ~11.5%, purchase-given-click ~24%, and the oracle AUC of
 ``true_ctr`` is ~0.84. Gradient-boosted trees on hand-made features (test AUC, seed 0) reach ~0.77
@@ -430,17 +432,19 @@ def _history_block(w: _World, seed: int, b: int, u0: int, u1: int, per_user: int
         start = T0 - 3600 - (rng.random(uniq.size) * (HISTORY_DAYS * DAY - 7200)).astype(np.int64)
         ts = start[inv] + (k % SESSION_LEN) * 90 + rng.integers(0, 60, size=n) - SESSION_LEN * 150
         mood = rng.integers(1, 6, size=uniq.size)[inv]
+        session = sess
     else:
         # time: uniform over the HISTORY_DAYS before T0 (at least an hour before), sorted per user
         ts = T0 - 3600 - (rng.random(n) * (HISTORY_DAYS * DAY - 3600)).astype(np.int64)
-        mood = None
+        mood = session = None
     qcat = np.where(rng.random(n) < 0.7, w.fav_category(rng, users), rng.choice(w.C, size=n, p=w.cat_p))
     qidx = w.query_of(rng, qcat)
     hour = (ts % DAY) // 3600
     device = np.where(rng.random(n) < 0.7, w.device[users], rng.integers(0, 3, size=n))
     item, action = _engage(rng, w, users, qidx, device, hour, None if mood is None else mood[:, None], drift)
     order = np.lexsort((ts, users))  # per user, oldest first
-    return _behavior_table(users[order], item[order], ts[order], action[order], qidx[order], w)
+    return _behavior_table(users[order], item[order], ts[order], action[order], qidx[order], w,
+                           None if session is None else np.char.add("h", session[order].astype(str)))
 
 
 def _engage(rng: np.random.Generator, w: _World, users: np.ndarray, qidx: np.ndarray, device: np.ndarray,
@@ -464,16 +468,23 @@ def _engage(rng: np.random.Generator, w: _World, users: np.ndarray, qidx: np.nda
 
 BEHAVIOR_SCHEMA = pa.schema([("user_id", pa.int64()), ("item_id", pa.int64()), ("timestamp", pa.int64()),
                              ("action", pa.string()), ("query", pa.string())])
+#: session mode: every behaviour also carries its true session id (the reserved ``session`` column)
+SESSION_BEHAVIOR_SCHEMA = BEHAVIOR_SCHEMA.append(pa.field("session", pa.string()))
 
 
-def _behavior_table(users, items, ts, action, qidx, w: _World) -> pa.Table:
-    return pa.table({
+def _behavior_table(users, items, ts, action, qidx, w: _World, session: np.ndarray | None = None) -> pa.Table:
+    """``session`` (session mode): the true session id of each behaviour (``h<key>`` for a history
+    session, ``r<request_id>`` for a request's own session)."""
+    cols = {
         "user_id": pa.array(users.astype(np.int64) + 1),
         "item_id": pa.array(items.astype(np.int64) + 1),
         "timestamp": pa.array(ts.astype(np.int64)),
         "action": pa.array(ACTIONS, pa.string()).take(pa.array(action)),
         "query": w.query_strings.take(pa.array(qidx)),
-    })
+    }
+    if session is not None:
+        cols["session"] = pa.array(session, pa.string())
+    return pa.table(cols)
 
 
 # ----------------------------------------------------------------------------------------- requests
@@ -546,15 +557,17 @@ def _request_block(w: _World, seed: int, b: int, r0: int, r1: int, n_requests: i
     o = np.argsort(flat * 4 + act, kind="stable")
     flat, act = flat[o], act[o]
     req_of = flat // k
-    behaviors = _behavior_table(users[req_of], items.ravel()[flat], ts[req_of], act, qidx[req_of], w)
+    sessions = np.char.add("r", rid.astype(str)) if mood is not None else None  # a request's own session
+    behaviors = _behavior_table(users[req_of], items.ravel()[flat], ts[req_of], act, qidx[req_of], w,
+                                None if sessions is None else sessions[req_of])
     if mood is not None and session_behaviors > 0:
-        behaviors = pa.concat_tables([_session_prefix(rng, w, users, ts, mood, device, drift, session_behaviors),
-                                      behaviors])
+        behaviors = pa.concat_tables([_session_prefix(rng, w, users, ts, mood, device, drift, session_behaviors,
+                                                      sessions), behaviors])
     return requests, impressions, behaviors
 
 
 def _session_prefix(rng: np.random.Generator, w: _World, users: np.ndarray, ts: np.ndarray, mood: np.ndarray,
-                    device: np.ndarray, drift: float, mean_n: int) -> pa.Table:
+                    device: np.ndarray, drift: float, mean_n: int, sessions: np.ndarray) -> pa.Table:
     """Behaviours of each request's own session, 1-20 minutes before it, under the session's mood."""
     n_pre = rng.poisson(max(mean_n - 1, 0), size=users.size) + 1
     req = np.repeat(np.arange(users.size), n_pre)
@@ -563,7 +576,7 @@ def _session_prefix(rng: np.random.Generator, w: _World, users: np.ndarray, ts: 
     qcat = np.where(rng.random(req.size) < 0.5, w.fav_category(rng, u), rng.choice(w.C, size=req.size, p=w.cat_p))
     qidx = w.query_of(rng, qcat)
     item, action = _engage(rng, w, u, qidx, device[req], (t % DAY) // 3600, mood[req][:, None], drift)
-    return _behavior_table(u, item, t, action, qidx, w)
+    return _behavior_table(u, item, t, action, qidx, w, sessions[req])
 
 
 # ----------------------------------------------------------------------------------------- writing
@@ -656,7 +669,7 @@ def prepare(input=None, out: Path = Path("data/synthetic"), *, seed: int = 0, n_
         pq.write_table(world.users_table, tmp / USERS)
         (tmp / SPEC).write_text(yaml.safe_dump(_spec(), sort_keys=False))
         req_w, imp_w, beh_w = _ChunkWriter(tmp / REQUESTS), _ChunkWriter(tmp / IMPRESSIONS), \
-            _ChunkWriter(tmp / BEHAVIORS, BEHAVIOR_SCHEMA)
+            _ChunkWriter(tmp / BEHAVIORS, SESSION_BEHAVIOR_SCHEMA if session_drift > 0 else BEHAVIOR_SCHEMA)
         try:
             # pre-request history: by user blocks, flushed every ~chunk_requests*K rows
             buffered = 0
