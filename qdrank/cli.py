@@ -146,13 +146,24 @@ def cmd_demo(a) -> None:
 
 
 def cmd_benchmark(a) -> None:
-    from qdrank.evaluation.benchmark import DEFAULT_GRID, BenchmarkSpec, parse_grid, run_benchmark
+    from qdrank.evaluation.benchmark import (
+        DEFAULT_GRID,
+        BenchmarkSpec,
+        parse_grid,
+        parse_variant,
+        run_benchmark,
+    )
     from qdrank.utils.io import ensure_writable_dir
 
     ensure_writable_dir(Path(a.out))
     if a.seeds < 1:
         raise ValueError(f"--seeds must be at least 1, got {a.seeds}")
-    spec = BenchmarkSpec(data=Path(a.data), models=[m for m in a.models.split(",") if m], seeds=a.seeds,
+    models: list = [m for m in a.models.split(",") if m]
+    models += [parse_variant(v) for v in a.variant]
+    labels = [m if isinstance(m, str) else m.label for m in models]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"--models / --variant name a row twice: {', '.join(sorted(labels))}")
+    spec = BenchmarkSpec(data=Path(a.data), models=models, seeds=a.seeds,
                          overrides=a.set or [], search=not a.no_search, base_model=a.base,
                          grid=parse_grid(a.grid) if a.grid else dict(DEFAULT_GRID), baselines=not a.no_baselines)
     run_benchmark(spec, Path(a.out), log=_log)
@@ -241,6 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--models", default="dnn,din", help="learned models (the registered baselines are added)")
     b.add_argument("--seeds", type=int, default=5)
     b.add_argument("--no-baselines", action="store_true", help="do not add the registered baselines")
+    b.add_argument("--variant", action="append", default=[], metavar="LABEL=MODEL:KEY=VALUE[:KEY=VALUE]",
+                   help="an extra row: MODEL with its own overrides, e.g. ifusion_cfg=ifusion:model.guidance=cfg")
     b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="applies to every model")
     b.add_argument("--no-search", action="store_true", help="skip the validation hyper-parameter search")
     b.add_argument("--grid", help='search grid, e.g. "train.listwise_weight=0,1;model.position_bias=true,false" (the default)')

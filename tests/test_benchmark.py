@@ -168,3 +168,26 @@ def test_interrupted_run_resumes(tiny_data, tmp_path):
     run_benchmark(spec, out, log=lambda m: None)
     lines = (run / ckpt.METRICS).read_text().splitlines()
     assert first_epoch == 0 and [json.loads(x)["epoch"] for x in lines] == [0, 1]
+
+
+def test_variant_rows_from_the_command_line(tiny_data, tmp_path, capsys):
+    """``--variant LABEL=MODEL:key=value`` adds a row: the model with its own overrides, beside the
+    plain models; a malformed or duplicate one is refused in one line (exit 2)."""
+    from qdrank.cli import main
+
+    out = tmp_path / "v"
+    args = ["benchmark", "--data", str(tiny_data), "--models", "dnn", "--variant", "dnn_w4=dnn:model.dim=4",
+            "--seeds", "1", "--no-search", "--no-baselines", "--out", str(out)]
+    for s in FAST:
+        args += ["--set", s]
+    assert main(args) == 0
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["order"] == ["dnn", "dnn_w4"] and saved["models"]["dnn_w4"]["model"] == "dnn"
+    cfg = {p.parts[-4]: json.loads((p.parent / "config.json").read_text()) for p in out.glob("runs/*/*/seed0/result.json")}
+    assert cfg["dnn_w4"]["model"]["dim"] == 4 and cfg["dnn"]["model"]["dim"] == 8
+    for bad, why in (("dnn_w4", "LABEL=MODEL"), ("a/b=dnn", "label"), ("x=dnn:dim", "section.key=value"),
+                     ("dnn=dnn:model.dim=4", "twice")):
+        capsys.readouterr()
+        assert main([*args[:5], "--variant", bad, "--out", str(tmp_path / "bad")]) == 2
+        err = capsys.readouterr().err
+        assert why in err and "Traceback" not in err

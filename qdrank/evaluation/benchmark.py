@@ -123,6 +123,25 @@ def parse_grid(text: str) -> dict[str, list]:
     return grid
 
 
+def parse_variant(text: str) -> Variant:
+    """``"ifusion_cfg=ifusion:model.guidance=cfg[:key=value...]"`` -> a row with its own overrides
+    (``--variant``: an ablation switch beside the plain models, under the same budget and search)."""
+    import re
+
+    label, sep, rest = text.partition("=")
+    model, *overrides = rest.split(":")
+    if not sep or not label or not model:
+        raise ValueError(f"--variant expects LABEL=MODEL:section.key=value[:...], got {text!r}")
+    if not re.fullmatch(r"[A-Za-z0-9_.\-]+", label):
+        raise ValueError(f"--variant label {label!r} may only hold letters, digits, '_', '.' and '-' "
+                         f"(it names the run folder)")
+    for o in overrides:
+        key, eq, _ = o.partition("=")
+        if not eq or "." not in key:
+            raise ValueError(f"--variant {label}: {o!r} is not section.key=value")
+    return Variant(label, model.strip(), overrides)
+
+
 def grid_points(grid: dict[str, list], search: bool) -> list[dict]:
     if not search or not grid:
         return [{}]
