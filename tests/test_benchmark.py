@@ -191,3 +191,12 @@ def test_variant_rows_from_the_command_line(tiny_data, tmp_path, capsys):
         assert main([*args[:5], "--variant", bad, "--out", str(tmp_path / "bad")]) == 2
         err = capsys.readouterr().err
         assert why in err and "Traceback" not in err
+    # a well-formed row naming an unknown model or key fails before any row trains
+    for bad, why in (("x=nosuch", "unknown model 'nosuch'"), ("x=dnn:model.nosuch=1", "unknown key 'model.nosuch'")):
+        capsys.readouterr()
+        late = tmp_path / f"late_{bad.split('=')[1].split(':')[0]}"
+        late_args = list(args)
+        late_args[late_args.index("--out") + 1] = str(late)
+        assert main([*late_args, "--variant", bad]) == 2
+        err = capsys.readouterr().err
+        assert why in err and "Traceback" not in err and not (late / "runs").exists()

@@ -149,6 +149,11 @@ def grid_points(grid: dict[str, list], search: bool) -> list[dict]:
     return [dict(zip(keys, vals)) for vals in itertools.product(*(grid[k] for k in keys))]
 
 
+def point_overrides(point: dict) -> list[str]:
+    """A search point as ``--set`` overrides."""
+    return [f"{k}={v}" for k, v in point.items()]
+
+
 def point_tag(point: dict) -> str:
     return "default" if not point else "_".join(f"{k.split('.')[-1]}={v}" for k, v in point.items())
 
@@ -245,9 +250,14 @@ def run_benchmark(spec: BenchmarkSpec, out: Path, log=None) -> dict:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     variants = ordered_variants(spec)
+    search_points = grid_points(spec.grid, spec.search)
+    # every row's settings at every point it will train are built now: an unknown model or key in
+    # the last row fails before the first row trains, not hours later
+    for var in variants:
+        for point in [{}] if is_baseline(var.model) else search_points:
+            build_config(var.model, overrides=[*spec.overrides, *var.overrides, *point_overrides(point)])
     base_cfg = build_config(variants[0].model, overrides=spec.overrides)
     ds = SearchLogDataset(spec.data, base_cfg.data, log=log)
-    search_points = grid_points(spec.grid, spec.search)
     n_pts = {v.label: 1 if is_baseline(v.model) else len(search_points) for v in variants}
     bar = tqdm(total=sum(n - 1 + spec.seeds for n in n_pts.values()), desc="benchmark", unit="run",
                dynamic_ncols=True)
@@ -259,7 +269,7 @@ def run_benchmark(spec: BenchmarkSpec, out: Path, log=None) -> dict:
         # 1. search on validation with the first seed
         search = []
         for point in points:
-            ov = [*common, *(f"{k}={v}" for k, v in point.items()), "train.seed=0", "train.progress=false"]
+            ov = [*common, *point_overrides(point), "train.seed=0", "train.progress=false"]
             cfg = build_config(var.model, overrides=ov)
             bar.set_postfix_str(f"{model} {point_tag(point)} seed 0")
             res = _run_once(cfg, ds, out / "runs" / model / point_tag(point) / "seed0", log)
@@ -268,7 +278,7 @@ def run_benchmark(spec: BenchmarkSpec, out: Path, log=None) -> dict:
         best_valid, best_point, first = max(search, key=lambda s: s[0] if s[0] == s[0] else -1)
         runs = [first]
         for seed in range(1, spec.seeds):
-            ov = [*common, *(f"{k}={v}" for k, v in best_point.items()), f"train.seed={seed}",
+            ov = [*common, *point_overrides(best_point), f"train.seed={seed}",
                   "train.progress=false"]
             cfg = build_config(var.model, overrides=ov)
             bar.set_postfix_str(f"{model} {point_tag(best_point)} seed {seed}")
