@@ -282,7 +282,7 @@ def test_target_attention_under_bf16_autocast_stays_the_reference():
 
 
 # the models with a layer that has a fast and a reference form (checked complete below)
-LAYER_MODELS = ["din", "diffusiongs", "hstu", "mtgr", "sim", "twin", "eta"]
+LAYER_MODELS = ["din", "diffusiongs", "hstu", "mtgr", "sim", "twin", "eta", "dien"]
 
 
 def test_layer_models_list_is_complete(tiny_dataset):
