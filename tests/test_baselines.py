@@ -13,6 +13,7 @@ from conftest import tiny_config
 from test_serving import build_store, request_body
 from test_unseen_logs import odd_log  # noqa: F401  (fixture)
 
+from qdrank.data.batch import TENSOR_FIELDS, select_requests
 from qdrank.data.dataset import SearchLogDataset
 from qdrank.evaluation.evaluate import predict
 from qdrank.models.registry import available_models, model_class
@@ -417,3 +418,51 @@ def test_gbdt_follows_the_runs_seed(tmp_path):
         model.fit_data(ds, seed=seed)
         texts.append(bytes(model.booster_model.numpy()))
     assert texts[0] == texts[1] and texts[0] != texts[2]
+
+
+def test_gbdt_out_of_fold_counts_leave_their_fold_out(tiny_dataset):
+    """Fold k's click statistics, ``total - counts of fold k``, are the counts of the other folds'
+    requests alone; folds are a hash of the request id and the seed, and every fold is used."""
+    from qdrank.models.baselines.gbdt import request_folds
+
+    _, ds = tiny_dataset
+    model = build_model(tiny_config("gbdt"), ds)
+    k, seed = 3, 7
+    batches = [b for b, _ in model.batches(ds, "train", batch_size=500)]
+    assert len(batches) > 1
+
+    def counts(keep_fold):
+        out = None
+        for b in batches:
+            c = model.features.label_counts(select_requests(b, keep_fold(request_folds(b.request_id, seed, k))),
+                                            model.emb.item_sparse)
+            out = c if out is None else out.combine(c)
+        return out
+
+    total = counts(lambda f: torch.ones_like(f, dtype=torch.bool))
+    assert total.clicks.sum() == sum(float(b.click.sum()) for b in batches)
+    for i in range(k):
+        left_out = total.combine(counts(lambda f, i=i: f == i), -1.0)
+        others = counts(lambda f, i=i: f != i)
+        assert others.clicks.sum() > 0 and others.clicks.sum() < total.clicks.sum()
+        np.testing.assert_array_equal(left_out.clicks, others.clicks)
+        np.testing.assert_array_equal(left_out.shown, others.shown)
+        a, o = left_out.affinity, others.affinity
+        assert torch.equal(a.keys, o.keys) and torch.equal(a.pairs, o.pairs)
+        assert torch.equal(a.tokens, o.tokens) and torch.equal(a.categories, o.categories)
+    ids = torch.arange(10_000)
+    assert torch.equal(request_folds(ids, seed, k), request_folds(ids, seed, k))
+    assert not torch.equal(request_folds(ids, seed, k), request_folds(ids, seed + 1, k))
+    assert torch.bincount(request_folds(ids, seed, k)).min() > 3000
+
+
+def test_select_requests_is_the_batch_of_those_requests(tiny_dataset):
+    _, ds = tiny_dataset
+    rows = ds.requests_of("train")[:40]
+    keep = torch.zeros(len(rows), dtype=torch.bool)
+    keep[::3] = True
+    keep[7] = True
+    got = select_requests(ds.make_batch(rows), keep)
+    want = ds.make_batch(rows[keep.numpy()])
+    for f in TENSOR_FIELDS:
+        assert torch.equal(getattr(got, f), getattr(want, f)), f

@@ -353,6 +353,32 @@ def test_query_in_head_false_leaves_only_the_diffusion_path(tiny_dataset):
     assert not torch.allclose(eval_scores(on, b), eval_scores(on, b2))
 
 
+def test_gated_dynamic_part_is_scaled_per_token_by_query_relevance(tiny_dataset):
+    """``model.dynamic=gated``: d_t = sigmoid(<W q, K h_t> / sqrt(dim)) * dynamic_head(h_t), a
+    factor in (0, 1) per token that follows the query."""
+    model, _ = make_model(tiny_dataset, "model.dynamic=gated")
+    randomize_injection(model)
+    model.eval()
+    b = first_batch(tiny_dataset)
+    g = model.gate_input(b)
+    x0, mask, _ = model.tokens(b)
+    t = torch.full((b.n_requests,), 10, dtype=torch.long)
+
+    def dyn(batch, dynamic):
+        model.cfg.dynamic = dynamic
+        with torch.no_grad():
+            return model.denoise(x0, t, model.q_proj(model.emb.query(batch)), g, mask)[1][1]
+
+    free, gated = dyn(b, "free"), dyn(b, "gated")
+    ratio = (gated.norm(dim=-1) / free.norm(dim=-1).clamp_min(1e-12))[mask]
+    assert ratio.min() > 0 and ratio.max() < 1 and ratio.std() > 1e-3
+    ratio2 = (dyn(with_query(b, b), "gated").norm(dim=-1) / dyn(with_query(b, b), "free").norm(dim=-1).clamp_min(1e-12))[mask]
+    assert not torch.allclose(ratio, ratio2), "the factor must follow the query"
+    with torch.no_grad():
+        model.relevance_k.weight.zero_()
+    torch.testing.assert_close(dyn(b, "gated"), 0.5 * dyn(b, "free"))
+
+
 @pytest.mark.parametrize("overrides", [("model.denoise_loss=x0",), ("model.denoise_loss=eps",),
                                        ("model.train_steps=3",), ("model.static=shared",)])
 def test_denoising_objectives_train(tiny_dataset, overrides):

@@ -203,3 +203,32 @@ def test_true_rel_is_true_ctr_without_the_position_factor(tiny):
     assert (imp["true_rel"] >= imp["true_ctr"]).all() and imp["true_rel"].between(0, 1).all()
     spec = yaml.safe_load((tiny[0] / SPEC).read_text())
     assert spec["features"]["true_rel"] == {"type": "ignore"}
+
+
+def test_category_taste_sets_the_price_level_per_category(tiny, tmp_path):
+    """``category_taste=1``: the preferred price level of an item's category is the user's level for
+    that category; the other draws of the data (requests, shown items, positions) are unchanged."""
+    from qdrank.data.sources.synthetic import _G_DEV, _World
+
+    w = _World(0, 50, 400, 8, 10)
+    w.set_category_taste(1.0, seed=0)
+    users, items = np.full(400, 3), np.arange(400)
+    device, hour, disc = np.zeros(400, np.int64), np.full(400, 12), np.zeros(400)
+    qidx = np.zeros(400, np.int64)
+    z1, _ = w.logits(np.random.default_rng(1), users, items, qidx, device, hour, disc)
+    old = w.category_level[3].copy()
+    w.category_level[3] = (old % 5) + 1                     # another level for every category
+    z2, _ = w.logits(np.random.default_rng(1), users, items, qidx, device, hour, disc)
+    lv, cat = w.level[items], w.cat[items]
+    want = -0.7 * w.gamma[3] * _G_DEV[0] * (np.abs(lv - w.category_level[3][cat]) - np.abs(lv - old[cat]))
+    np.testing.assert_allclose(z2 - z1, want, atol=1e-9)
+
+    _, _, base = tiny
+    prepare(out=tmp_path / "c", scale="tiny", seed=0, category_taste=1.0)
+    t = _read(tmp_path / "c")
+    pd.testing.assert_frame_equal(t["requests"], base["requests"])
+    for col in ("request_id", "item_id", "position"):
+        assert t["impressions"][col].equals(base["impressions"][col])
+    assert not t["impressions"]["true_rel"].equals(base["impressions"]["true_rel"])
+    with pytest.raises(ValueError, match="category_taste"):
+        prepare(out=tmp_path / "x", scale="tiny", category_taste=2.0)

@@ -113,6 +113,23 @@ def trim_history(b: Batch, extra_ok: bool = False) -> Batch:
     return dataclasses.replace(b, **{f: getattr(b, f)[:, :width].contiguous() for f in HISTORY_FIELDS})
 
 
+PER_REQUEST_FIELDS = ("request_id", "user_sparse", "user_dense", "ctx_sparse", "ctx_dense", "query", *HISTORY_FIELDS,
+                      "hist_len")
+PER_CANDIDATE_FIELDS = ("cand_item", "cand_sparse", "cand_dense", "position", "click", "purchase")
+
+
+def select_requests(b: Batch, keep: torch.Tensor) -> Batch:
+    """The requests ``keep`` [R] (bool) of ``b`` with their candidates, ``cand_req`` renumbered.
+    A batch with extra inputs is refused: their layout is a model's own."""
+    if b.extra:
+        raise ValueError(f"select_requests: extra inputs {sorted(b.extra)} have no known layout")
+    new_row = torch.cumsum(keep.long(), 0) - 1
+    cand = keep[b.cand_req]
+    out = {f: getattr(b, f)[keep] for f in PER_REQUEST_FIELDS}
+    out.update({f: getattr(b, f)[cand] for f in PER_CANDIDATE_FIELDS})
+    return Batch(**out, cand_req=new_row[b.cand_req[cand]])
+
+
 def session_codes(values) -> np.ndarray:
     """Session ids (any values; None / NaN / NA = unknown) -> int64 codes, equal exactly where the
     ids are (1, 1.0 and "1" are one id, as for categorical features), :data:`NO_SESSION` where

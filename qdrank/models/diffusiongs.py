@@ -81,6 +81,7 @@ ALLOWED = {
     "token_norm": ("rms", "none"),
     "denoise_loss": ("x0", "eps", "none"),
     "static": ("tokenwise", "shared"),
+    "dynamic": ("free", "gated"),
 }
 
 
@@ -103,6 +104,8 @@ class DiffusionGSConfig(ModelConfig):
     denoise_weight: float = 1.0    # weight of that MSE
     static: str = "tokenwise"      # tokenwise: s from each noisy token alone, shrunk by sqrt(abar_t) (no query, no context)
                                    # | shared: s and d two linear heads on the same UDL state (the paper)
+    dynamic: str = "free"          # free: d = dynamic_head(h) | gated: d scaled per token by sigmoid(<W q, K h_t>), the
+                                   # token's relevance to the query (so ||d_t|| can follow it, the paper's Figure 3)
     query_in_head: bool = True     # the query vector in the CTR head beside the interest (eq. 13 has none)
     train_steps: int = 1           # denoiser calls per training example from its step t down to 0
 
@@ -260,6 +263,8 @@ class DiffusionGS(RankModel):
             self.inject = nn.Linear(d, d)
         self.static_head = nn.Linear(d, d)
         self.dynamic_head = nn.Linear(d, d)
+        if cfg.dynamic == "gated":
+            self.relevance_q, self.relevance_k = nn.Linear(d, d), nn.Linear(d, d, bias=False)
         self.denoise_steps = cfg.denoise_steps
         # Inference noise as a stored constant, not a generator call, so ONNX / TorchScript export sees a
         # tensor and every history length reads the same rows (recency is capped at max_positions - 1).
@@ -322,6 +327,9 @@ class DiffusionGS(RankModel):
         else:
             s = self.static_head(h) * m
         d = self.dynamic_head(h) * m
+        if self.cfg.dynamic == "gated":
+            rel = (self.relevance_q(q)[:, None, :] * self.relevance_k(h)).sum(-1, keepdim=True)
+            d = d * torch.sigmoid(rel * self.cfg.dim ** -0.5)
         return s + d, (s, d)
 
     def _inference_noise(self, rec: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

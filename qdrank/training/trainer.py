@@ -276,10 +276,6 @@ class Trainer:
     def fit_baseline(self) -> dict:
         """A fitted baseline: statistics of the training split, no epochs, no optimizer."""
         t, ds = self.cfg.train, self.ds
-        why = getattr(self.model, "in_memory_only", "")
-        if not isinstance(ds, SearchLogDataset) and why:
-            raise ValueError(f"model {self.cfg.model_name!r} is fitted from a dataset loaded in memory ({why}), "
-                             "not from streamed shards: pass the dataset directory")
         t0 = time.perf_counter()
         self.model.fit_data(ds, seed=t.seed)
         fit_seconds = time.perf_counter() - t0

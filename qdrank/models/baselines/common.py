@@ -58,11 +58,8 @@ class Baseline(RankModel):
     trainer calls :meth:`fit_data` once instead of running epochs. Subclasses implement
     :meth:`candidate_scores`; the CVR logit is a constant 0 (no baseline models conversion).
     :meth:`fit_data` also takes streamed shards (a ``ShardedDataset``), fitting from its training
-    batches (:meth:`batches`); a baseline that needs the rows in memory sets ``in_memory_only`` to
-    the reason, which the trainer shows.
+    batches (:meth:`batches`).
     """
-
-    in_memory_only: str = ""
 
     gradient_trained = False
     config_class = ModelConfig

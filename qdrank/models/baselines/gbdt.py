@@ -12,6 +12,7 @@ graph, so evaluation, serving and the ONNX / TorchScript export score with the s
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import lightgbm as lgb
@@ -19,12 +20,13 @@ import numpy as np
 import torch
 
 from qdrank.config import ModelConfig
-from qdrank.data.batch import Batch
+from qdrank.data.batch import Batch, select_requests
 from qdrank.data.dataset import SearchLogDataset
 from qdrank.data.features import FeatureMap
+from qdrank.data.shards import ShardedDataset
 from qdrank.evaluation.metrics import gauc
 from qdrank.models.baselines.common import Baseline
-from qdrank.models.baselines.gbdt_features import GBDTFeatures
+from qdrank.models.baselines.gbdt_features import GBDTFeatures, LabelCounts
 from qdrank.models.baselines.trees import TreeEnsemble
 
 
@@ -44,6 +46,16 @@ class GBDTConfig(ModelConfig):
     #                               (fold assignment and feature sampling follow the run's train.seed)
 
 
+def request_folds(request_id: torch.Tensor, seed: int, k: int) -> torch.Tensor:
+    """[R] fold 0..k-1 of each request: a hash of (request id, seed), the same wherever it is read."""
+    x = request_id.cpu().numpy().astype(np.uint64) ^ np.uint64((seed * 0x9E3779B97F4A7C15) % 2**64)
+    with np.errstate(over="ignore"):  # splitmix64: wrapping multiplication is the point
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        x ^= x >> np.uint64(31)
+    return torch.from_numpy((x % np.uint64(k)).astype(np.int64)).to(request_id.device)
+
+
 def valid_gauc(group_sizes: np.ndarray):
     """LightGBM eval function: GAUC over the validation requests (group sizes in row order)."""
     groups = np.repeat(np.arange(len(group_sizes)), group_sizes)
@@ -56,7 +68,6 @@ def valid_gauc(group_sizes: np.ndarray):
 
 class GBDT(Baseline):
     config_class = GBDTConfig
-    in_memory_only = "its out-of-fold click statistics are fitted on folds of the training requests"
     booster_fast_path = True  # eager scoring by LightGBM's predict; traced/exported graphs use ``trees``
 
     def __init__(self, fmap: FeatureMap, cfg: GBDTConfig):
@@ -89,10 +100,13 @@ class GBDT(Baseline):
         return self._booster
 
     # ---- fitting --------------------------------------------------------------------------------
-    def _matrix(self, ds: SearchLogDataset, split: str, rows: np.ndarray | None = None
+    def _matrix(self, ds: SearchLogDataset | ShardedDataset, split: str, rows: np.ndarray | None = None
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return self._matrix_of(b for b, _ in self.batches(ds, split, rows))
+
+    def _matrix_of(self, batches: Iterable[Batch]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         xs, ys, groups = [], [], []
-        for b, _ in self.batches(ds, split, rows):
+        for b in batches:
             xs.append(self.features(b, self.emb.item_sparse, self.emb.item_dense).cpu().numpy())
             ys.append(b.click.cpu().numpy())
             groups.append(torch.bincount(b.cand_req, minlength=b.n_requests).cpu().numpy())
@@ -100,23 +114,53 @@ class GBDT(Baseline):
             return np.zeros((0, len(self.features.names)), np.float32), np.zeros(0), np.zeros(0, np.int64)
         return np.concatenate(xs), np.concatenate(ys), np.concatenate(groups)
 
-    def _train_matrix(self, ds: SearchLogDataset, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _train_matrix(self, ds: SearchLogDataset | ShardedDataset, seed: int
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Training rows with their click statistics computed out of fold: the rows of fold k see
         popularity and query-category affinity fitted on the other folds only, so the booster learns
-        how these statistics generalise instead of reading each row's own label from them."""
-        rows = ds.requests_of("train")
-        k = max(int(self.cfg.folds), 2)
-        fold = np.random.default_rng(seed).integers(0, k, len(rows))
-        parts = []
-        for i in range(k):
-            self.features.fit_label_statistics(ds, self.emb.item_sparse, rows[fold != i])
-            parts.append(self._matrix(ds, "train", rows[fold == i]))
-        self.features.fit_label_statistics(ds, self.emb.item_sparse)  # all of train, for scoring
-        return tuple(np.concatenate([p[j] for p in parts]) for j in range(3))  # type: ignore[return-value]
+        how these statistics generalise instead of reading each row's own label from them.
 
-    def fit_data(self, ds: SearchLogDataset, seed: int = 0) -> None:
+        A request's fold is a hash of its id and the seed (:func:`request_folds`), so data in memory
+        and streamed shards fold alike. One pass counts the statistics per fold; the counts are
+        additive, so fold k's are ``total - fold k``; a second pass builds each batch's rows fold by
+        fold. The feature matrix is held in memory for LightGBM (4 bytes per feature per impression)."""
+        k = max(int(self.cfg.folds), 2)
+        item_sparse = self.emb.item_sparse
+        per_fold: dict[int, LabelCounts] = {}
+        for b, _ in self.batches(ds, "train"):
+            fold = request_folds(b.request_id, seed, k)
+            for i in fold.unique().tolist():
+                c = self.features.label_counts(select_requests(b, fold == i), item_sparse)
+                per_fold[i] = per_fold[i].combine(c) if i in per_fold else c
+        if not per_fold:
+            raise ValueError("gbdt: the training split has no requests to fit on")
+        counts = list(per_fold.values())
+        total = counts[0]
+        for c in counts[1:]:
+            total = total.combine(c)
+        states = {}
+        for i, c in per_fold.items():
+            self.features.set_label_counts(total.combine(c, -1.0))
+            states[i] = self.features.label_state()
+        self.features.set_label_counts(total)  # all of train, for scoring
+        final = self.features.label_state()
+        xs, ys, groups = [], [], []
+        try:
+            for b, _ in self.batches(ds, "train"):
+                fold = request_folds(b.request_id, seed, k)
+                for i in fold.unique().tolist():
+                    self.features.set_label_state(states[i])
+                    x, y, g = self._matrix_of([select_requests(b, fold == i)])
+                    xs.append(x)
+                    ys.append(y)
+                    groups.append(g)
+        finally:
+            self.features.set_label_state(final)
+        return np.concatenate(xs), np.concatenate(ys), np.concatenate(groups)
+
+    def fit_data(self, ds: SearchLogDataset | ShardedDataset, seed: int = 0) -> None:
         cfg = self.cfg
-        self.features.fit(ds, self.emb.item_sparse, self.batches(ds, "train"))
+        self.features.fit(ds, self.batches(ds, "train"))
         x, y, g = self._train_matrix(ds, seed)
         if cfg.stop_metric not in ("gauc", "ndcg"):
             raise ValueError(f"gbdt: model.stop_metric must be gauc or ndcg, got {cfg.stop_metric!r}")

@@ -26,13 +26,16 @@ Features (per candidate):
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch import nn
 
 from qdrank.data.batch import Batch
 from qdrank.data.dataset import SearchLogDataset
 from qdrank.data.features import FeatureMap
+from qdrank.data.shards import ShardedDataset
 from qdrank.models.baselines.common import (
     FittedBuffers,
     group_sizes,
@@ -54,6 +57,26 @@ def lightgbm_names(names: list[str]) -> list[str]:
         n = re.sub(r'[",:\[\]{}\s]', "_", n)
         out.append(n if n not in out else f"{n}_{len(out)}")
     return out
+
+
+@dataclass
+class AffinityCounts:
+    """The click counts :class:`QueryCategoryAffinity` is fitted from: per (token, category) key
+    (sorted, unique), per token, per category. Sums and differences of them are the counts of unions
+    and differences of click sets, so folds can be left out without a second pass."""
+
+    keys: torch.Tensor        # [K] token * n_cat + category, sorted
+    pairs: torch.Tensor       # [K] float64 clicks with that token and category
+    tokens: torch.Tensor      # [query_buckets] float64
+    categories: torch.Tensor  # [n_cat] float64
+
+    def combine(self, other: AffinityCounts, sign: float = 1.0) -> AffinityCounts:
+        """``self + sign * other``; keys whose count falls to 0 are dropped."""
+        keys, inv = torch.unique(torch.cat([self.keys, other.keys]), return_inverse=True)
+        pairs = torch.zeros(len(keys), dtype=torch.float64).index_add_(0, inv, torch.cat([self.pairs, sign * other.pairs]))
+        keep = pairs > 0
+        return AffinityCounts(keys[keep], pairs[keep], self.tokens + sign * other.tokens,
+                              self.categories + sign * other.categories)
 
 
 class QueryCategoryAffinity(FittedBuffers):
@@ -80,19 +103,14 @@ class QueryCategoryAffinity(FittedBuffers):
         keys = t.unsqueeze(-1) * self.n_cat + c.unsqueeze(1)
         return keys, (q > 0).unsqueeze(-1) & (cats > 0).unsqueeze(1)
 
-    def fit(self, ds: SearchLogDataset, item_sparse: torch.Tensor, rows: np.ndarray | None = None) -> None:
-        """From the training split's clicks (or those of the given training request rows)."""
-        if self.category is None:
-            return
-        s, w = self.category
-        rows = ds.requests_of("train") if rows is None else rows
-        imp = ds.candidate_index(rows)
-        req = np.repeat(rows, ds.imp_end[rows] - ds.imp_start[rows])
-        clicked = ds.click[imp] > 0
-        if not clicked.any():
-            return
-        q = torch.from_numpy(ds.query[req[clicked]])
-        cats = item_sparse.cpu()[torch.from_numpy(ds.cand_item[imp[clicked]]), s:s + w]
+    def batch_counts(self, b: Batch, item_sparse: torch.Tensor) -> AffinityCounts:
+        """The counts of one batch's clicked candidates (additive over batches: streamed fitting)."""
+        clicked = b.click > 0
+        s, w = self.category if self.category is not None else (0, 0)
+        return self.counts(b.query[b.cand_req[clicked]].cpu(), item_sparse[b.cand_item[clicked], s:s + w].cpu())
+
+    def counts(self, q: torch.Tensor, cats: torch.Tensor) -> AffinityCounts:
+        """Counts of clicked impressions: q [M, Q] their query tokens, cats [M, W] their category ids."""
         keys, valid = self._pairs(q, cats)
         uk, n_tc = torch.unique(keys[valid], return_counts=True)
         # clicks per token (a query's token once per clicked impression, whatever its categories)
@@ -101,13 +119,19 @@ class QueryCategoryAffinity(FittedBuffers):
         n_t = torch.bincount(tok[tok >= 0], minlength=self.fmap.query_buckets).double()
         c_all = (cats - self.cat_offset).clamp(0, self.n_cat - 1)
         n_c = torch.bincount(c_all[cats > 0], minlength=self.n_cat).double()
-        p_c = (n_c + 1) / (n_c.sum() + self.n_cat)
-        tt, cc = uk // self.n_cat, uk % self.n_cat
-        p_tc = (n_tc.double() + AFFINITY_PRIOR * p_c[cc]) / (n_t[tt] + AFFINITY_PRIOR)
+        return AffinityCounts(uk, n_tc.double(), n_t, n_c)
+
+    def set_counts(self, c: AffinityCounts) -> None:
+        """Keep the log-lifts these counts give."""
+        if self.category is None:
+            return
+        p_c = (c.categories + 1) / (c.categories.sum() + self.n_cat)
+        tt, cc = c.keys // self.n_cat, c.keys % self.n_cat
+        p_tc = (c.pairs + AFFINITY_PRIOR * p_c[cc]) / (c.tokens[tt] + AFFINITY_PRIOR)
         dev = self.keys.device
-        self.keys = uk.to(dev)
+        self.keys = c.keys.to(dev)
         self.lift = torch.log(p_tc / p_c[cc]).float().to(dev)
-        self.token_clicks.copy_(n_t.float().to(dev))
+        self.token_clicks.copy_(c.tokens.float().to(dev))
 
     def score(self, batch: Batch, item_sparse: torch.Tensor) -> torch.Tensor:
         """[N] mean over query tokens of the best log-lift over the candidate's category values."""
@@ -126,6 +150,19 @@ class QueryCategoryAffinity(FittedBuffers):
         has = valid.any(-1)
         lift = torch.where(has, lift, torch.zeros_like(lift))
         return lift.sum(-1) / has.sum(-1).clamp_min(1)
+
+
+@dataclass
+class LabelCounts:
+    """Counts behind the features computed from training clicks (popularity, query-category affinity)."""
+
+    clicks: np.ndarray
+    shown: np.ndarray
+    affinity: AffinityCounts
+
+    def combine(self, other: LabelCounts, sign: float = 1.0) -> LabelCounts:
+        return LabelCounts(self.clicks + sign * other.clicks, self.shown + sign * other.shown,
+                           self.affinity.combine(other.affinity, sign))
 
 
 class GBDTFeatures(FittedBuffers):
@@ -163,19 +200,32 @@ class GBDTFeatures(FittedBuffers):
         self.names = lightgbm_names(names)
         self.categorical = list(range(n_cat))
 
-    def fit(self, ds: SearchLogDataset, item_sparse: torch.Tensor, batches) -> None:
+    def fit(self, ds: SearchLogDataset | ShardedDataset, batches) -> None:
+        """What is fitted from the training split apart from the click statistics, which the caller
+        sets from counts (:meth:`label_counts`, :meth:`set_label_counts`): a booster trained on rows
+        whose own click is inside these statistics learns to read its label from them, so the GBDT
+        gives its training rows out-of-fold statistics (see ``gbdt``)."""
         self.text.fit(ds)
         self.hist.fit(batches)
-        self.fit_label_statistics(ds, item_sparse)
 
-    def fit_label_statistics(self, ds: SearchLogDataset, item_sparse: torch.Tensor,
-                             rows: np.ndarray | None = None) -> None:
-        """The features computed from training clicks (popularity, query-category affinity).
+    def label_counts(self, b: Batch, item_sparse: torch.Tensor) -> LabelCounts:
+        """The click statistics' counts of one batch (additive: sums over batches, differences leave
+        a fold out)."""
+        return LabelCounts(*self.pop.batch_counts(b), self.affinity.batch_counts(b, item_sparse))
 
-        A booster trained on rows whose own click is inside these statistics learns to read its
-        label from them; the GBDT fits them out of fold for its training rows (see ``gbdt``)."""
-        self.pop.fit(ds, rows)
-        self.affinity.fit(ds, item_sparse, rows)
+    def set_label_counts(self, c: LabelCounts) -> None:
+        """Popularity and query-category affinity from these counts."""
+        self.pop.set_counts(c.clicks, c.shown)
+        self.affinity.set_counts(c.affinity)
+
+    def label_state(self) -> list[tuple[nn.Module, str, torch.Tensor]]:
+        """A copy of the click statistics' buffers, to put back with :meth:`set_label_state`."""
+        return [(m, n, t.clone()) for m in (self.pop, self.affinity) for n, t in m.named_buffers(recurse=False)]
+
+    @staticmethod
+    def set_label_state(state: list[tuple[nn.Module, str, torch.Tensor]]) -> None:
+        for m, n, t in state:
+            setattr(m, n, t)  # swaps the buffer (no copy: it is the saved tensor itself)
 
     def _counts(self, match: torch.Tensor, actions: torch.Tensor | None) -> list[torch.Tensor]:
         """[N, L] matches -> counts over all actions, then per action type (``actions``: [N, L, A]

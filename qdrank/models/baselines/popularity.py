@@ -52,20 +52,28 @@ class ItemPopularity(FittedBuffers):
         imp = train_impressions(ds, rows)
         n = self.clicks.shape[0]
         items = ds.cand_item[imp]
-        self._set(np.bincount(items, weights=ds.click[imp], minlength=n),
-                  np.bincount(items, minlength=n).astype(np.float64))
+        self.set_counts(np.bincount(items, weights=ds.click[imp], minlength=n),
+                        np.bincount(items, minlength=n).astype(np.float64))
 
     def fit_batches(self, batches: Iterable[Batch]) -> None:
         """The same counts from streamed training batches (shards): the candidates' items and clicks."""
         n = self.clicks.shape[0]
         clicks, shown = np.zeros(n), np.zeros(n)
         for b in batches:
-            items = b.cand_item.cpu().numpy()
-            clicks += np.bincount(items, weights=b.click.cpu().numpy().astype(np.float64), minlength=n)
-            shown += np.bincount(items, minlength=n)
-        self._set(clicks, shown)
+            c, k = self.batch_counts(b)
+            clicks += c
+            shown += k
+        self.set_counts(clicks, shown)
 
-    def _set(self, clicks: np.ndarray, shown: np.ndarray) -> None:
+    def batch_counts(self, b: Batch) -> tuple[np.ndarray, np.ndarray]:
+        """(clicks, impressions) per item row of one batch's candidates: additive over batches."""
+        n, items = self.clicks.shape[0], b.cand_item.cpu().numpy()
+        return (np.bincount(items, weights=b.click.cpu().numpy().astype(np.float64), minlength=n),
+                np.bincount(items, minlength=n).astype(np.float64))
+
+    def set_counts(self, clicks: np.ndarray, shown: np.ndarray) -> None:
+        """Keep these counts (and the prior fitted from them)."""
+        clicks, shown = clicks.copy(), shown.copy()
         clicks[:2], shown[:2] = 0, 0  # padding / unknown item rows get the prior
         a, b = beta_prior(clicks, shown)
         dev = self.clicks.device
