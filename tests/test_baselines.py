@@ -424,6 +424,7 @@ def test_gbdt_out_of_fold_counts_leave_their_fold_out(tiny_dataset):
     """Fold k's click statistics, ``total - counts of fold k``, are the counts of the other folds'
     requests alone; folds are a hash of the request id and the seed, and every fold is used."""
     from qdrank.models.baselines.gbdt import request_folds
+    from qdrank.models.baselines.gbdt_features import LabelCounts
 
     _, ds = tiny_dataset
     model = build_model(tiny_config("gbdt"), ds)
@@ -432,17 +433,14 @@ def test_gbdt_out_of_fold_counts_leave_their_fold_out(tiny_dataset):
     assert len(batches) > 1
 
     def counts(keep_fold):
-        out = None
-        for b in batches:
-            c = model.features.label_counts(select_requests(b, keep_fold(request_folds(b.request_id, seed, k))),
-                                            model.emb.item_sparse)
-            out = c if out is None else out.combine(c)
-        return out
+        return LabelCounts.sum([model.features.label_counts(
+            select_requests(b, keep_fold(request_folds(b.request_id, seed, k))), model.emb.item_sparse)
+            for b in batches])
 
     total = counts(lambda f: torch.ones_like(f, dtype=torch.bool))
     assert total.clicks.sum() == sum(float(b.click.sum()) for b in batches)
     for i in range(k):
-        left_out = total.combine(counts(lambda f, i=i: f == i), -1.0)
+        left_out = LabelCounts.sum([total, counts(lambda f, i=i: f == i)], [1.0, -1.0])
         others = counts(lambda f, i=i: f != i)
         assert others.clicks.sum() > 0 and others.clicks.sum() < total.clicks.sum()
         np.testing.assert_array_equal(left_out.clicks, others.clicks)

@@ -126,21 +126,18 @@ class GBDT(Baseline):
         fold. The feature matrix is held in memory for LightGBM (4 bytes per feature per impression)."""
         k = max(int(self.cfg.folds), 2)
         item_sparse = self.emb.item_sparse
-        per_fold: dict[int, LabelCounts] = {}
+        parts: dict[int, list[LabelCounts]] = {}
         for b, _ in self.batches(ds, "train"):
             fold = request_folds(b.request_id, seed, k)
             for i in fold.unique().tolist():
-                c = self.features.label_counts(select_requests(b, fold == i), item_sparse)
-                per_fold[i] = per_fold[i].combine(c) if i in per_fold else c
-        if not per_fold:
+                parts.setdefault(i, []).append(self.features.label_counts(select_requests(b, fold == i), item_sparse))
+        if not parts:
             raise ValueError("gbdt: the training split has no requests to fit on")
-        counts = list(per_fold.values())
-        total = counts[0]
-        for c in counts[1:]:
-            total = total.combine(c)
+        per_fold = {i: LabelCounts.sum(p) for i, p in parts.items()}
+        total = LabelCounts.sum(list(per_fold.values()))
         states = {}
         for i, c in per_fold.items():
-            self.features.set_label_counts(total.combine(c, -1.0))
+            self.features.set_label_counts(LabelCounts.sum([total, c], [1.0, -1.0]))
             states[i] = self.features.label_state()
         self.features.set_label_counts(total)  # all of train, for scoring
         final = self.features.label_state()

@@ -70,13 +70,17 @@ class AffinityCounts:
     tokens: torch.Tensor      # [query_buckets] float64
     categories: torch.Tensor  # [n_cat] float64
 
-    def combine(self, other: AffinityCounts, sign: float = 1.0) -> AffinityCounts:
-        """``self + sign * other``; keys whose count falls to 0 are dropped."""
-        keys, inv = torch.unique(torch.cat([self.keys, other.keys]), return_inverse=True)
-        pairs = torch.zeros(len(keys), dtype=torch.float64).index_add_(0, inv, torch.cat([self.pairs, sign * other.pairs]))
+    @staticmethod
+    def sum(parts: list[AffinityCounts], signs: list[float] | None = None) -> AffinityCounts:
+        """``sum_i signs[i] * parts[i]`` in one merge of the keys (not one per part: the key set of
+        a large log is millions); keys whose count falls to 0 are dropped."""
+        signs = signs or [1.0] * len(parts)
+        keys, inv = torch.unique(torch.cat([p.keys for p in parts]), return_inverse=True)
+        pairs = torch.zeros(len(keys), dtype=torch.float64).index_add_(
+            0, inv, torch.cat([s * p.pairs for s, p in zip(signs, parts)]))
         keep = pairs > 0
-        return AffinityCounts(keys[keep], pairs[keep], self.tokens + sign * other.tokens,
-                              self.categories + sign * other.categories)
+        return AffinityCounts(keys[keep], pairs[keep], sum(s * p.tokens for s, p in zip(signs, parts)),
+                              sum(s * p.categories for s, p in zip(signs, parts)))
 
 
 class QueryCategoryAffinity(FittedBuffers):
@@ -160,9 +164,12 @@ class LabelCounts:
     shown: np.ndarray
     affinity: AffinityCounts
 
-    def combine(self, other: LabelCounts, sign: float = 1.0) -> LabelCounts:
-        return LabelCounts(self.clicks + sign * other.clicks, self.shown + sign * other.shown,
-                           self.affinity.combine(other.affinity, sign))
+    @staticmethod
+    def sum(parts: list[LabelCounts], signs: list[float] | None = None) -> LabelCounts:
+        """``sum_i signs[i] * parts[i]`` (see :meth:`AffinityCounts.sum`)."""
+        signs = signs or [1.0] * len(parts)
+        return LabelCounts(sum(s * p.clicks for s, p in zip(signs, parts)), sum(s * p.shown for s, p in zip(signs, parts)),
+                           AffinityCounts.sum([p.affinity for p in parts], signs))
 
 
 class GBDTFeatures(FittedBuffers):
