@@ -16,8 +16,8 @@ Features (per candidate):
   text, in its categorical values, in its category, and the share of the query covered;
 * **query-category affinity**: how much more often training queries with these tokens led to
   clicks on this category than on average (log-lift, learned from training clicks);
-* **popularity** (``popularity``'s :class:`ItemPopularity`): smoothed train CTR (leave-one-out on
-  training rows, so the booster cannot read a row's own label) and train impressions;
+* **popularity** (``popularity``'s :class:`ItemPopularity`): smoothed train CTR (out of fold for
+  training rows, so the booster cannot read a row's own label: see ``gbdt``) and train impressions;
 * **history** (``history_match``'s :class:`HistoryMatcher`): the recency- and action-weighted
   history-match score; and counts of the user's strictly-earlier behaviours on the same item and
   on items sharing each categorical/list side feature (category, brand...), per action type.
