@@ -104,11 +104,6 @@ class Baseline(RankModel):
             yield ds.make_batch(g, self.extra_inputs).to(self.device), torch.from_numpy(ds.candidate_index(g))
 
 
-def train_impressions(ds: SearchLogDataset, rows: np.ndarray | None = None) -> np.ndarray:
-    """Impression indices of the training split (or of the given training request rows)."""
-    return ds.candidate_index(ds.requests_of("train") if rows is None else rows)
-
-
 def sparse_features(fmap: FeatureMap, role: str, types: tuple[str, ...] = ("categorical", "list"),
                     exclude: tuple[str, ...] = ("item_id", "user_id")) -> list[tuple[str, int, int]]:
     """(name, first slot, width) of a role's sparse features of the given types."""

@@ -15,7 +15,7 @@ from qdrank.data.batch import Batch
 from qdrank.data.dataset import SearchLogDataset
 from qdrank.data.features import FeatureMap
 from qdrank.data.shards import ShardedDataset
-from qdrank.models.baselines.common import Baseline, FittedBuffers, train_impressions
+from qdrank.models.baselines.common import Baseline, FittedBuffers
 
 MIN_SHOWN = 5         # items shown at least this often estimate the spread of CTRs
 MAX_STRENGTH = 1e4    # prior pseudo-impressions when CTRs barely vary beyond noise
@@ -47,9 +47,9 @@ class ItemPopularity(FittedBuffers):
         self.register_buffer("shown", torch.zeros(n, dtype=torch.float64))
         self.register_buffer("prior", torch.tensor([1.0, 1.0], dtype=torch.float64))
 
-    def fit(self, ds: SearchLogDataset, rows: np.ndarray | None = None) -> None:
-        """Counts over the training split (or over the given training request rows only)."""
-        imp = train_impressions(ds, rows)
+    def fit(self, ds: SearchLogDataset) -> None:
+        """Counts over the training split."""
+        imp = ds.candidate_index(ds.requests_of("train"))
         n = self.clicks.shape[0]
         items = ds.cand_item[imp]
         self.set_counts(np.bincount(items, weights=ds.click[imp], minlength=n),
