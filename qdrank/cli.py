@@ -174,7 +174,8 @@ def cmd_ablate(a) -> None:
     from qdrank.utils.io import ensure_writable_dir
 
     ensure_writable_dir(Path(a.out))
-    run_ablation(Path(a.data), Path(a.out), seeds=a.seeds, overrides=a.set, log=_log, model=a.model)
+    run_ablation(Path(a.data), Path(a.out), seeds=a.seeds, overrides=a.set, log=_log, model=a.model,
+                 tables=a.tables.split(",") if a.tables else None)
 
 
 def cmd_explain(a) -> None:
@@ -267,6 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
     ab.add_argument("--data", required=True)
     ab.add_argument("--seeds", type=int, default=3)
     ab.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="applies to every variant")
+    ab.add_argument("--tables", metavar="NAMES", help="only these tables, comma-separated (default all): "
+                    "diffusiongs table3,table4,table5,figure4; ifusion figure3a,figure3b,figure3c,figure4a")
     ab.add_argument("--out", required=True)
     ab.set_defaults(func=cmd_ablate)
 

@@ -120,3 +120,30 @@ def test_ablate_ifusion_cli(tiny_data, tmp_path):
     md = (out / "ablation.md").read_text()
     assert "Figure 3a" in md and "Figure 4a" in md and "--set model.guidance=cfg" in md
     assert (out / "ablation.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_ablate_tables_select_a_subset(tiny_data, tmp_path, capsys):
+    """``--tables`` trains only the variants of the named tables; an unknown name is a clear error."""
+    from qdrank.evaluation.ablation import IFUSION_TABLES, select_tables
+
+    assert list(select_tables("ifusion", ["figure4a"])) == ["Figure 4a: noise schedule"]
+    assert [v.label for v in variants("ifusion", select_tables("ifusion", ["Figure 4a"]))] == [
+        "ifusion", "ifusion[schedule=linear]", "ifusion[schedule=sqrt]"]
+    assert list(select_tables("diffusiongs", ["figure4", "table3"])) == ["Table 3: query injection",
+                                                                          "Figure 4: number of layers"]
+    assert select_tables("ifusion") == IFUSION_TABLES
+    with pytest.raises(ValueError, match="unknown table.*figure3a, figure3b"):
+        select_tables("ifusion", ["table3"])
+    assert main(["ablate", "ifusion", "--data", str(tiny_data), "--tables", "figure9", "--out",
+                 str(tmp_path / "bad")]) != 0
+    assert "figure4a" in capsys.readouterr().err
+
+    out = tmp_path / "abl_3b"
+    args = ["ablate", "ifusion", "--data", str(tiny_data), "--seeds", "1", "--tables", "figure3b", "--out", str(out)]
+    for s in [*FAST, "model.short_len=4", "model.sessions=2", "model.diffusion_steps=10"]:
+        args += ["--set", s]
+    assert main(args) == 0
+    res = json.loads((out / "ablation.json").read_text())
+    assert list(res["tables"]) == ["Figure 3b: session fusion"] and res["steps"] == {}
+    assert sorted(p.name for p in (out / "runs").iterdir()) == ["ifusion", "ifusion[fusion=nar]"]
+    assert not (out / "ablation.png").exists()

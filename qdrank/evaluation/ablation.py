@@ -46,12 +46,34 @@ IFUSION_TABLES: dict[str, list[tuple[str, list[str]]]] = {
 IFUSION_STEPS = (1, 2, 5, 10, 50)
 
 
+def table_key(title: str) -> str:
+    """A table's short name on the command line: ``"Figure 4a: noise schedule"`` -> ``figure4a``."""
+    return title.split(":", 1)[0].replace(" ", "").lower()
+
+
+def select_tables(model: str = DEFAULT, keys: list[str] | None = None) -> dict[str, list[tuple[str, list[str]]]]:
+    """The ablation tables of ``model``, or only those named in ``keys`` (``qdrank ablate --tables``),
+    in the paper's order; an unknown name is an error listing the valid ones."""
+    spec = IFUSION_TABLES if model == "ifusion" else TABLES
+    if not keys:
+        return dict(spec)
+    by_key = {table_key(t): t for t in spec}
+    wanted = [k.strip().replace(" ", "").lower() for k in keys if k.strip()]
+    unknown = [k for k in wanted if k not in by_key]
+    if unknown or not wanted:
+        raise ValueError(f"--tables {','.join(keys)!s}: unknown table(s) {unknown} for {model}; choose from: "
+                         f"{', '.join(by_key)}")
+    return {t: rows for t, rows in spec.items() if table_key(t) in wanted}
+
+
 def _label(overrides: list[str], model: str = DEFAULT) -> str:
     return model if not overrides else model + "[" + ",".join(o.removeprefix("model.") for o in overrides) + "]"
 
 
-def variants(model: str = DEFAULT) -> list[Variant]:
-    tables, default_rows = (TABLES, DEFAULT_LAYERS) if model == DEFAULT else (IFUSION_TABLES, [])
+def variants(model: str = DEFAULT, tables: dict | None = None) -> list[Variant]:
+    """One run per distinct switch of ``tables`` (default: all of ``model``'s); the default model once."""
+    tables = select_tables(model) if tables is None else tables
+    default_rows = DEFAULT_LAYERS if model == DEFAULT else []
     seen: dict[str, Variant] = {}
     for rows in tables.values():
         for _, ov in rows:
@@ -115,14 +137,17 @@ def denoise_gap(out: Path, data: Path, seeds: int, overrides: list[str]) -> dict
 
 
 def run_ablation(data: Path, out: Path, seeds: int = 3, overrides: list[str] | None = None, log=None,
-                 model: str = DEFAULT) -> dict:
-    if model == "ifusion":
-        return run_ifusion_ablation(data, out, seeds, overrides, log)
-    if model != DEFAULT:
+                 model: str = DEFAULT, tables: list[str] | None = None) -> dict:
+    """Train every variant of the selected tables (``tables``: short names, default all) and write
+    ``ablation.{md,json,png}`` under ``out``."""
+    if model not in (DEFAULT, "ifusion"):
         raise ValueError(f"no ablations are defined for {model!r}; choose diffusiongs or ifusion")
+    chosen = select_tables(model, tables)
+    if model == "ifusion":
+        return run_ifusion_ablation(data, out, seeds, overrides, log, chosen)
     log = log or (lambda m: print(m, file=sys.stderr))
     out = Path(out)
-    spec = BenchmarkSpec(data=Path(data), models=variants(), seeds=seeds, overrides=overrides or [], search=False,
+    spec = BenchmarkSpec(data=Path(data), models=variants(DEFAULT, chosen), seeds=seeds, overrides=overrides or [], search=False,
                          base_model=DEFAULT, title=f"DiffusionGS ablation variants on {data}", baselines=False)
     payload = run_benchmark(spec, out, log=log)
     per = payload["models"]
@@ -130,7 +155,7 @@ def run_ablation(data: Path, out: Path, seeds: int = 3, overrides: list[str] | N
     md_parts = [f"# DiffusionGS ablations on `{data}`\n\nmean ± std of test metrics over {seeds} seed(s); "
                 "each variant changes one switch of the default model. serving = position-free scores "
                 "(primary), as_shown = logged position through the position tower.\n"]
-    tables = _tables(per, TABLES, DEFAULT_LAYERS, DEFAULT, cols, md_parts)
+    tables = _tables(per, chosen, DEFAULT_LAYERS, DEFAULT, cols, md_parts)
     gap = denoise_gap(out, Path(data), seeds, overrides or [])
     if gap:
         md_parts.append(f"### Single-step vs T-step denoising (default model, test)\n\n"
@@ -141,7 +166,7 @@ def run_ablation(data: Path, out: Path, seeds: int = 3, overrides: list[str] | N
                         f"mean gap (1 - T) {gap['auc_gap_mean']:+.5f}, largest |gap| {gap['auc_gap_max_abs']:.5f}; "
                         f"largest |CTR logit difference| over test impressions {gap['max_abs_logit_diff']:.2e}.\n")
     md = "\n\n".join(md_parts)
-    scaling = tables["Figure 4: number of layers"]
+    scaling = tables.get("Figure 4: number of layers")
 
     def plot(path: Path) -> None:
         import matplotlib
@@ -166,9 +191,11 @@ def run_ablation(data: Path, out: Path, seeds: int = 3, overrides: list[str] | N
         plt.close(fig)
 
     result = {"model": DEFAULT, "data": str(data), "seeds": seeds, "tables": tables, "denoise_gap": gap}
-    write_report(out, "ablation", result, md, plot=plot)
+    if not scaling:
+        (out / "ablation.png").unlink(missing_ok=True)  # an earlier run's plot of tables not run now
+    write_report(out, "ablation", result, md, plot=plot if scaling else None)
     print(md)
-    print(f"\nwritten: {out}/ablation.md, ablation.json, ablation.png (scaling plot)")
+    print(f"\nwritten: {out}/ablation.md, ablation.json" + (", ablation.png (scaling plot)" if scaling else ""))
     return result
 
 
@@ -197,30 +224,35 @@ def _tables(per: dict, spec: dict, default_rows: list[str], model: str, cols: li
 
 
 def run_ifusion_ablation(data: Path, out: Path, seeds: int = 3, overrides: list[str] | None = None,
-                         log=None) -> dict:
+                         log=None, chosen: dict | None = None) -> dict:
     """iFusion's Figure 3 (CFG vs DCFG, AR vs NAR, consistency on/off) and Figure 4a (schedule x
-    inference steps), every variant trained under one budget, the default once."""
+    inference steps), every variant trained under one budget, the default once; ``chosen``: a subset
+    of :data:`IFUSION_TABLES` (:func:`select_tables`)."""
     log = log or (lambda m: print(m, file=sys.stderr))
     out = Path(out)
-    spec = BenchmarkSpec(data=Path(data), models=variants("ifusion"), seeds=seeds, overrides=overrides or [],
-                         search=False, base_model="ifusion", title=f"iFusion ablation variants on {data}",
-                         baselines=False)
+    chosen = select_tables("ifusion") if chosen is None else chosen
+    spec = BenchmarkSpec(data=Path(data), models=variants("ifusion", chosen), seeds=seeds,
+                         overrides=overrides or [], search=False, base_model="ifusion",
+                         title=f"iFusion ablation variants on {data}", baselines=False)
     per = run_benchmark(spec, out, log=log)["models"]
     cols = _columns(per)
     md_parts = [f"# iFusion ablations on `{data}`\n\nmean ± std of test metrics over {seeds} seed(s); each "
                 "variant changes one switch of the default model (serving = position-free, primary).\n"]
-    tables = _tables(per, IFUSION_TABLES, [], "ifusion", cols, md_parts)
+    tables = _tables(per, chosen, [], "ifusion", cols, md_parts)
     sweep = {}
-    for name, ov in IFUSION_TABLES["Figure 4a: noise schedule"]:
+    for name, ov in chosen.get("Figure 4a: noise schedule", []):
         sweep[name] = steps_sweep(out, Path(data), seeds, _label(ov, "ifusion"), ov, IFUSION_STEPS)
     head = "| schedule | " + " | ".join(f"{k} step{'s' if k > 1 else ''}" for k in IFUSION_STEPS) + " |"
-    lines = ["### Figure 4a: serving CTR AUC by schedule and inference steps (test)", "", head,
-             "|:---|" + "---:|" * len(IFUSION_STEPS)]
-    for name, by_k in sweep.items():
-        cells = [f"{by_k[k]['serving_ctr_auc']['mean']:.4f} ± {by_k[k]['serving_ctr_auc']['std']:.4f}"
-                 if k in by_k else "–" for k in IFUSION_STEPS]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    md_parts.append("\n".join(lines) + "\n")
+    for key, metric in (("serving_ctr_gauc", "serving CTR GAUC (primary)"), ("serving_ctr_auc", "serving CTR AUC")):
+        if not sweep:
+            break
+        lines = [f"### Figure 4a: {metric} by schedule and inference steps (test)", "", head,
+                 "|:---|" + "---:|" * len(IFUSION_STEPS)]
+        for name, by_k in sweep.items():
+            cells = [f"{by_k[k][key]['mean']:.4f} ± {by_k[k][key]['std']:.4f}" if k in by_k else "–"
+                     for k in IFUSION_STEPS]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        md_parts.append("\n".join(lines) + "\n")
     md = "\n\n".join(md_parts)
 
     def plot(path: Path) -> None:
@@ -232,12 +264,12 @@ def run_ifusion_ablation(data: Path, out: Path, seeds: int = 3, overrides: list[
         fig, ax = plt.subplots(figsize=(5.5, 3.6))
         for name, by_k in sweep.items():
             ks = [k for k in IFUSION_STEPS if k in by_k]
-            ax.errorbar(ks, [by_k[k]["serving_ctr_auc"]["mean"] for k in ks],
-                        yerr=[by_k[k]["serving_ctr_auc"]["std"] for k in ks], marker="o", capsize=3, label=name)
+            ax.errorbar(ks, [by_k[k]["serving_ctr_gauc"]["mean"] for k in ks],
+                        yerr=[by_k[k]["serving_ctr_gauc"]["std"] for k in ks], marker="o", capsize=3, label=name)
         ax.set_xscale("log")
         ax.set_xticks(list(IFUSION_STEPS), [str(k) for k in IFUSION_STEPS])
         ax.set_xlabel("inference steps")
-        ax.set_ylabel("serving CTR AUC (test)")
+        ax.set_ylabel("serving CTR GAUC (test)")
         ax.set_title(f"iFusion Figure 4a ({Path(data).name}, {seeds} seed(s))", fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
@@ -247,7 +279,9 @@ def run_ifusion_ablation(data: Path, out: Path, seeds: int = 3, overrides: list[
 
     result = {"model": "ifusion", "data": str(data), "seeds": seeds, "tables": tables,
               "steps": {name: {str(k): v for k, v in by_k.items()} for name, by_k in sweep.items()}}
-    write_report(out, "ablation", result, md, plot=plot)
+    if not sweep:
+        (out / "ablation.png").unlink(missing_ok=True)  # an earlier run's plot of tables not run now
+    write_report(out, "ablation", result, md, plot=plot if sweep else None)
     print(md)
-    print(f"\nwritten: {out}/ablation.md, ablation.json, ablation.png (schedule x steps)")
+    print(f"\nwritten: {out}/ablation.md, ablation.json" + (", ablation.png (schedule x steps)" if sweep else ""))
     return result
