@@ -189,6 +189,27 @@ def test_traced_request_encoder_scores_as_eager(model_name, ds, tiny_data):
             assert x.shape == y.shape and float((x - y).abs().max()) < 1e-5, model_name
 
 
+def test_traced_diffusiongs_encoder_takes_the_folded_udl_form(ds, tiny_data, monkeypatch):
+    """DiffusionGS's request trace records the folded UDL attention (history 20 > width 16: the range
+    where it pays) and scores as the eager reference layers do."""
+    from qdrank.models.diffusiongs import UserAwareDenoisingLayer
+
+    model, cfg = _model("diffusiongs", ds)
+    calls = []
+    fold = UserAwareDenoisingLayer.folded_attention
+    monkeypatch.setattr(UserAwareDenoisingLayer, "folded_attention",
+                        lambda self, *a: calls.append(torch.jit.is_tracing()) or fold(self, *a))
+    traced = Ranker(model, cfg, ds.fmap, ServingConfig.build())
+    assert traced.trace_status == "traced" and any(calls), (traced.trace_status, calls)
+    for layer in model.layers:
+        layer.fast = False
+    reference = Ranker(model, cfg, ds.fmap, ServingConfig.build(trace_encoder=False))
+    for req in _requests(ds.fmap, tiny_data):
+        b = traced.encode(req).batch
+        for x, y in zip(reference.logits(b), traced.logits(b)):
+            assert float((x - y).abs().max()) < 1e-5
+
+
 def test_an_encoder_that_branches_on_the_data_is_served_eagerly(ds, tiny_data):
     """A Python branch on the history length is frozen by a trace; the probes catch it at load."""
     from qdrank.models.dnn import DNN
