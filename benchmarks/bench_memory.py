@@ -1,6 +1,6 @@
 """Peak memory of the streaming pipeline (prepare -> shard -> train DNN from shards) vs log size.
 
-    .venv/bin/python benchmarks/bench_memory.py [--sizes 1m,3m,10m] [--steps 100] [--eval-batches 20]
+    .venv/bin/python benchmarks/bench_memory.py [--sizes 1m,3m,10m] [--steps 100] [--eval-batches 20] [--gbdt]
     .venv/bin/python benchmarks/bench_memory.py --train-only SHARDS_OR_DIR [--steps 100]
 
 Each stage runs as its own subprocess; its peak RSS is the child's ``ru_maxrss`` (``os.wait4``).
@@ -10,7 +10,9 @@ batches of the test split through the model: a capped epoch, because a full 10M-
 plus evaluation takes hours on a shared 2-core machine. ``--cli-train`` runs ``qdrank train``
 instead (one epoch capped by ``train.max_steps_per_epoch``, then full valid/test evaluation).
 ``train (in-memory)`` is the same stage on the dataset directory (the whole log loaded), for sizes
-up to ``--baseline-max`` impressions. Writes a JSON report and prints a Markdown table.
+up to ``--baseline-max`` impressions. ``--gbdt`` adds ``qdrank train --model gbdt`` from the shards
+(a full LightGBM fit: features counted in streamed passes, the feature matrix in memory for
+LightGBM, then streamed valid/test evaluation). Writes a JSON report and prints a Markdown table.
 """
 
 from __future__ import annotations
@@ -103,6 +105,7 @@ def main() -> None:
     ap.add_argument("--out", default="reports/bench/memory.json")
     ap.add_argument("--eval-batches", type=int, default=20, help="test batches streamed after training (0 = all)")
     ap.add_argument("--cli-train", action="store_true", help="train with `qdrank train` (full evaluation)")
+    ap.add_argument("--gbdt", action="store_true", help="also fit gbdt (LightGBM LambdaRank) from the shards")
     ap.add_argument("--train-only", metavar="DATA", help="only the training stage, on this shard/dataset folder")
     ap.add_argument("--stage-train", help=argparse.SUPPRESS)
     ap.add_argument("--run-dir", help=argparse.SUPPRESS)
@@ -142,6 +145,11 @@ def main() -> None:
                                           *train_set], work / f"{run}.log")
                 else:
                     res[key] = train_stage(a, src, work / run, work / f"{run}.log")
+            if a.gbdt:
+                res["gbdt"] = run_stage(["train", "--data", str(s), "--model", "gbdt", "--out",
+                                         str(work / f"run-gbdt-{size}"), "--set", "train.progress=false"],
+                                        work / f"run-gbdt-{size}.log")
+                shutil.rmtree(work / f"run-gbdt-{size}", ignore_errors=True)
             shutil.rmtree(work / f"run-{size}", ignore_errors=True)
             shutil.rmtree(work / f"run-mem-{size}", ignore_errors=True)
             report["sizes"][size] = res
@@ -161,15 +169,18 @@ def main() -> None:
 
 def markdown(report: dict) -> str:
     cap = f"{report['steps_per_epoch']} batches of {report['batch_size']}" if report["steps_per_epoch"] else "full epoch"
-    lines = ["| impressions | requests | behaviours | prepare | shard | train DNN from shards | train DNN in memory |",
-             "|---:|---:|---:|---:|---:|---:|---:|"]
+    gbdt = any("gbdt" in r for r in report["sizes"].values())
+    lines = ["| impressions | requests | behaviours | prepare | shard | train DNN from shards | train DNN in memory |"
+             + (" gbdt from shards (full fit + evaluation) |" if gbdt else ""),
+             "|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if gbdt else "")]
     def cell(r: dict, stage: str) -> str:
         x = r.get(stage)
         return f"{x['peak_rss_mib']:,.0f} MiB ({x['seconds']:.0f} s)" if x else "-"
 
     for r in report["sizes"].values():
         lines.append(f"| {r['impressions']:,} | {r['requests']:,} | {r['behaviors']:,} | {cell(r, 'prepare')} | "
-                     f"{cell(r, 'shard')} | {cell(r, 'train')} | {cell(r, 'train_in_memory')} |")
+                     f"{cell(r, 'shard')} | {cell(r, 'train')} | {cell(r, 'train_in_memory')} |"
+                     + (f" {cell(r, 'gbdt')} |" if gbdt else ""))
     then = ("then full streamed valid/test evaluation (`qdrank train`)" if report.get("cli_train") else
             f"then {report.get('eval_batches') or 'all'} streamed test batches of 8192")
     lines.append(f"\nPeak RSS per stage (seconds in brackets); training capped at {cap}, "

@@ -454,6 +454,27 @@ def test_gbdt_out_of_fold_counts_leave_their_fold_out(tiny_dataset):
     assert torch.bincount(request_folds(ids, seed, k)).min() > 3000
 
 
+def test_gbdt_training_rows_do_not_depend_on_when_counts_are_merged(tiny_dataset, monkeypatch):
+    """The per-batch click counts are merged as they stream in (flat memory on long logs); merging
+    after every other batch gives the training matrix that merging once at the end gives."""
+    from qdrank.models.baselines import gbdt
+
+    _, ds = tiny_dataset
+    model = build_model(tiny_config("gbdt"), ds)
+    model.features.fit(ds, model.batches(ds, "train"))
+    monkeypatch.setattr(model.cfg, "folds", 3)
+    full = model.batches
+    monkeypatch.setattr(model, "batches", lambda d, split, rows=None, batch_size=0: full(d, split, rows, 200))
+    assert sum(1 for _ in model.batches(ds, "train")) > 6  # several merges per fold
+    out = {}
+    for every in (2, 10**9):
+        monkeypatch.setattr(gbdt, "COUNT_MERGE_EVERY", every)
+        out[every] = model._train_matrix(ds, seed=3)
+    for a, b in zip(out[2], out[10**9]):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9)
+    assert np.isfinite(out[2][0]).any() and out[2][0].shape[0] == len(out[2][1])
+
+
 def test_select_requests_is_the_batch_of_those_requests(tiny_dataset):
     _, ds = tiny_dataset
     rows = ds.requests_of("train")[:40]

@@ -46,6 +46,10 @@ class GBDTConfig(ModelConfig):
     #                               (fold assignment and feature sampling follow the run's train.seed)
 
 
+#: per-batch click counts of a fold are merged into one every this many batches (see _train_matrix)
+COUNT_MERGE_EVERY = 16
+
+
 def request_folds(request_id: torch.Tensor, seed: int, k: int) -> torch.Tensor:
     """[R] fold 0..k-1 of each request: a hash of (request id, seed), the same wherever it is read."""
     x = request_id.cpu().numpy().astype(np.uint64) ^ np.uint64((seed * 0x9E3779B97F4A7C15) % 2**64)
@@ -127,10 +131,15 @@ class GBDT(Baseline):
         k = max(int(self.cfg.folds), 2)
         item_sparse = self.emb.item_sparse
         parts: dict[int, list[LabelCounts]] = {}
+        n_rows = n_requests = 0
         for b, _ in self.batches(ds, "train"):
+            n_rows, n_requests = n_rows + b.cand_item.shape[0], n_requests + b.n_requests
             fold = request_folds(b.request_id, seed, k)
             for i in fold.unique().tolist():
-                parts.setdefault(i, []).append(self.features.label_counts(select_requests(b, fold == i), item_sparse))
+                p = parts.setdefault(i, [])
+                p.append(self.features.label_counts(select_requests(b, fold == i), item_sparse))
+                if len(p) >= COUNT_MERGE_EVERY:  # each part holds whole per-item / per-token tables:
+                    p[:] = [LabelCounts.sum(p)]  # merged as they come, memory stays flat in the log's length
         if not parts:
             raise ValueError("gbdt: the training split has no requests to fit on")
         per_fold = {i: LabelCounts.sum(p) for i, p in parts.items()}
@@ -141,19 +150,25 @@ class GBDT(Baseline):
             states[i] = self.features.label_state()
         self.features.set_label_counts(total)  # all of train, for scoring
         final = self.features.label_state()
-        xs, ys, groups = [], [], []
+        # filled in place (not a list of parts concatenated at the end: that held the matrix twice)
+        xs = np.empty((n_rows, len(self.features.names)), np.float32)
+        ys, groups = np.empty(n_rows, np.float32), np.empty(n_requests, np.int64)
+        row = req = 0
         try:
             for b, _ in self.batches(ds, "train"):
                 fold = request_folds(b.request_id, seed, k)
                 for i in fold.unique().tolist():
                     self.features.set_label_state(states[i])
                     x, y, g = self._matrix_of([select_requests(b, fold == i)])
-                    xs.append(x)
-                    ys.append(y)
-                    groups.append(g)
+                    if row + len(y) > n_rows or req + len(g) > n_requests:
+                        raise ValueError("gbdt: the training split changed between two passes over it")
+                    xs[row:row + len(y)], ys[row:row + len(y)], groups[req:req + len(g)] = x, y, g
+                    row, req = row + len(y), req + len(g)
         finally:
             self.features.set_label_state(final)
-        return np.concatenate(xs), np.concatenate(ys), np.concatenate(groups)
+        if (row, req) != (n_rows, n_requests):
+            raise ValueError("gbdt: the training split changed between two passes over it")
+        return xs, ys, groups
 
     def fit_data(self, ds: SearchLogDataset | ShardedDataset, seed: int = 0) -> None:
         cfg = self.cfg
