@@ -147,8 +147,9 @@ def run_ablation(data: Path, out: Path, seeds: int = 3, overrides: list[str] | N
         return run_ifusion_ablation(data, out, seeds, overrides, log, chosen)
     log = log or (lambda m: print(m, file=sys.stderr))
     out = Path(out)
-    spec = BenchmarkSpec(data=Path(data), models=variants(DEFAULT, chosen), seeds=seeds, overrides=overrides or [], search=False,
-                         base_model=DEFAULT, title=f"DiffusionGS ablation variants on {data}", baselines=False)
+    spec = BenchmarkSpec(data=Path(data), models=variants(DEFAULT, chosen), seeds=seeds, overrides=overrides or [],
+                         search=False, base_model=DEFAULT, title=f"DiffusionGS ablation variants on {data}",
+                         baselines=False)
     payload = run_benchmark(spec, out, log=log)
     per = payload["models"]
     cols = _columns(per)
