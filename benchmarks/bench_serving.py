@@ -165,6 +165,39 @@ def fast_vs_reference(r: Ranker, base: Ranker, user: str, rng: np.random.Generat
     return res
 
 
+def traced_layers_ab(base: Ranker, store: HistoryStore, user: str, h: int, rng: np.random.Generator,
+                     repeats: int, budget: float) -> dict | None:
+    """``rank_bytes`` at history ``h`` with the request encoder traced over the model's fast layer forms
+    against a trace of their reference forms (``set_fast_layers``), alternating call by call: what
+    the fast layers are worth inside the trace serving runs (CPU time; None: no such layer)."""
+    from qdrank.models.layers import set_fast_layers
+
+    if base.onnx is not None or not any(isinstance(getattr(m, "fast", None), bool) for m in base.model.modules()):
+        return None
+    cfg = ServingConfig.build(base.serving, max_history=h)
+    set_fast_layers(base.model, False)
+    try:
+        ref = Ranker(base.model, base.cfg, base.fmap, cfg, store)
+    finally:
+        set_fast_layers(base.model, True)
+    fast = Ranker(base.model, base.cfg, base.fmap, cfg, store)
+    raw = encode_json(make_request(base, user, 500, rng))
+    cpu: dict[str, list] = {"fast": [], "reference": []}
+    t_end = time.perf_counter() + budget
+    for i in range(2 * repeats):
+        key, r = (("fast", fast), ("reference", ref))[i % 2]
+        c0 = time.thread_time()
+        rank_bytes(r, raw)
+        cpu[key].append((time.thread_time() - c0) * 1e3)
+        if time.perf_counter() > t_end and i >= 10:
+            break
+    res = {"history": h, "candidates": 500, "traced": [fast.trace_status, ref.trace_status]}
+    for k, v in cpu.items():
+        res[k] = {"n": len(v), "cpu_p50_ms": float(np.percentile(v, 50)), "cpu_p99_ms": float(np.percentile(v, 99))}
+    res["cpu_speedup_p50"] = res["reference"]["cpu_p50_ms"] / res["fast"]["cpu_p50_ms"]
+    return res
+
+
 def base_parser(doc: str) -> argparse.ArgumentParser:
     """Arguments every serving benchmark takes: which run (or a tiny model trained on the spot)."""
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -272,6 +305,15 @@ def main(argv=None) -> int:
         fr = out["fast_vs_reference"]
         print(f"fast paths vs reference forms (history {h}, 500 candidates): {fmt(fr['fast'])} vs "
               f"{fmt(fr['reference'])} (x{fr['cpu_speedup_p50']:.2f} in CPU time)", flush=True)
+
+    # the model's fast layer forms inside the traced encoder vs its reference forms, at the longest history
+    ab = traced_layers_ab(base, store, f"bench-user-{max(hs)}", max(hs), rng, repeats, a.budget)
+    if ab is not None:
+        out["traced_fast_layers"] = ab
+        print(f"traced encoder, fast vs reference layers (history {ab['history']:,}, 500 candidates): CPU p50 "
+              f"{ab['fast']['cpu_p50_ms']:.2f} vs {ab['reference']['cpu_p50_ms']:.2f} ms, p99 "
+              f"{ab['fast']['cpu_p99_ms']:.2f} vs {ab['reference']['cpu_p99_ms']:.2f} ms "
+              f"(x{ab['cpu_speedup_p50']:.2f})", flush=True)
 
     # micro-batching: 8 requests in one forward vs one by one
     r = ranker_for(min(100, max(hs)))
