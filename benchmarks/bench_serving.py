@@ -30,6 +30,7 @@ import platform
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -91,10 +92,37 @@ def timed(fn, repeats: int, budget_s: float) -> dict:
         times.append((time.perf_counter() - t0) * 1e3)
         if time.perf_counter() > t_end and len(times) >= 5:
             break
+    return latency_stats(times, cpu)
+
+
+def latency_stats(times: list[float], cpu: list[float]) -> dict:
+    """Wall and CPU milliseconds per call -> count, p50, p99 and mean of each."""
     a, c = np.array(times), np.array(cpu)
     return {"n": len(a), "p50_ms": float(np.percentile(a, 50)), "p99_ms": float(np.percentile(a, 99)),
             "mean_ms": float(a.mean()), "cpu_p50_ms": float(np.percentile(c, 50)),
             "cpu_p99_ms": float(np.percentile(c, 99)), "cpu_mean_ms": float(c.mean())}
+
+
+def alternating(calls: dict[str, Callable[[int], object]], repeats: int, budget_s: float,
+                switch: Callable[[str], None] | None = None) -> dict[str, dict]:
+    """Each call of ``calls`` in turn (call ``i`` gets its index), ``repeats`` times each or until
+    ``budget_s`` runs out, so every arm sees the same machine load: a before/after ratio measured in
+    one run. ``switch(key)`` runs before each call, outside the timing. -> key -> :func:`latency_stats`."""
+    keys = list(calls)
+    times: dict[str, list] = {k: [] for k in keys}
+    cpu: dict[str, list] = {k: [] for k in keys}
+    t_end = time.perf_counter() + budget_s
+    for i in range(len(keys) * repeats):
+        key = keys[i % len(keys)]
+        if switch is not None:
+            switch(key)
+        t0, c0 = time.perf_counter(), time.thread_time()
+        calls[key](i)
+        cpu[key].append((time.thread_time() - c0) * 1e3)
+        times[key].append((time.perf_counter() - t0) * 1e3)
+        if time.perf_counter() > t_end and i >= 10:
+            break
+    return {k: latency_stats(times[k], cpu[k]) for k in keys}
 
 
 def fmt(v: dict) -> str:
@@ -142,24 +170,12 @@ def fast_vs_reference(r: Ranker, base: Ranker, user: str, rng: np.random.Generat
         a, b = ({c.item_id: c.score for c in x.candidates} for x in (ref, got))
         diffs.append(max(abs(a[k] - b[k]) for k in a))
     res["max_abs_score_diff"] = float(max(diffs))
-    times: dict[bool, list] = {True: [], False: []}
-    cpu: dict[bool, list] = {True: [], False: []}
-    t_end = time.perf_counter() + budget
-    for i in range(2 * repeats):
-        fast = i % 2 == 0
-        mode(fast)
-        t0, c0 = time.perf_counter(), time.thread_time()
+    def call(i: int) -> None:
         rank_bytes(r, raws[i % 4])
-        cpu[fast].append((time.thread_time() - c0) * 1e3)
-        times[fast].append((time.perf_counter() - t0) * 1e3)
-        if time.perf_counter() > t_end and i >= 10:
-            break
+
+    res.update(alternating({"fast": call, "reference": call}, repeats, budget,
+                           switch=lambda key: mode(key == "fast")))
     mode(True)
-    for fast, key in ((True, "fast"), (False, "reference")):
-        a, c = np.array(times[fast]), np.array(cpu[fast])
-        res[key] = {"n": len(a), "p50_ms": float(np.percentile(a, 50)), "p99_ms": float(np.percentile(a, 99)),
-                    "mean_ms": float(a.mean()), "cpu_p50_ms": float(np.percentile(c, 50)),
-                    "cpu_p99_ms": float(np.percentile(c, 99)), "cpu_mean_ms": float(c.mean())}
     res["speedup_p50"] = res["reference"]["p50_ms"] / res["fast"]["p50_ms"]
     res["cpu_speedup_p50"] = res["reference"]["cpu_p50_ms"] / res["fast"]["cpu_p50_ms"]
     return res
@@ -182,18 +198,9 @@ def traced_layers_ab(base: Ranker, store: HistoryStore, user: str, h: int, rng: 
         set_fast_layers(base.model, True)
     fast = Ranker(base.model, base.cfg, base.fmap, cfg, store)
     raw = encode_json(make_request(base, user, 500, rng))
-    cpu: dict[str, list] = {"fast": [], "reference": []}
-    t_end = time.perf_counter() + budget
-    for i in range(2 * repeats):
-        key, r = (("fast", fast), ("reference", ref))[i % 2]
-        c0 = time.thread_time()
-        rank_bytes(r, raw)
-        cpu[key].append((time.thread_time() - c0) * 1e3)
-        if time.perf_counter() > t_end and i >= 10:
-            break
-    res = {"history": h, "candidates": 500, "traced": [fast.trace_status, ref.trace_status]}
-    for k, v in cpu.items():
-        res[k] = {"n": len(v), "cpu_p50_ms": float(np.percentile(v, 50)), "cpu_p99_ms": float(np.percentile(v, 99))}
+    res = {"history": h, "candidates": 500, "traced": [fast.trace_status, ref.trace_status],
+           **alternating({"fast": lambda i: rank_bytes(fast, raw), "reference": lambda i: rank_bytes(ref, raw)},
+                         repeats, budget)}
     res["cpu_speedup_p50"] = res["reference"]["cpu_p50_ms"] / res["fast"]["cpu_p50_ms"]
     return res
 

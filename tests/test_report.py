@@ -112,6 +112,9 @@ def test_write_report_json_md_png(tmp_path):
     # without a plot, only json + md
     paths2 = write_report(tmp_path / "out2", "r", {"a": 1}, "x", plot=None)
     assert set(paths2) == {"json", "md"} and paths2["md"].read_text() == "x\n"
+    # rewritten without a plot, the earlier report's plot goes: it would not show this report
+    write_report(tmp_path / "out", "bench", payload, md, plot=None)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["bench.json", "bench.md"]
 
 
 def test_atomic_writes_leave_no_temp_files(tmp_path):

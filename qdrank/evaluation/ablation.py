@@ -58,7 +58,7 @@ def select_tables(model: str = DEFAULT, keys: list[str] | None = None) -> dict[s
     if not keys:
         return dict(spec)
     by_key = {table_key(t): t for t in spec}
-    wanted = [k.strip().replace(" ", "").lower() for k in keys if k.strip()]
+    wanted = [table_key(k) for k in keys if k.strip()]
     unknown = [k for k in wanted if k not in by_key]
     if unknown or not wanted:
         raise ValueError(f"--tables {','.join(keys)!s}: unknown table(s) {unknown} for {model}; choose from: "
@@ -192,8 +192,6 @@ def run_ablation(data: Path, out: Path, seeds: int = 3, overrides: list[str] | N
         plt.close(fig)
 
     result = {"model": DEFAULT, "data": str(data), "seeds": seeds, "tables": tables, "denoise_gap": gap}
-    if not scaling:
-        (out / "ablation.png").unlink(missing_ok=True)  # an earlier run's plot of tables not run now
     write_report(out, "ablation", result, md, plot=plot if scaling else None)
     print(md)
     print(f"\nwritten: {out}/ablation.md, ablation.json" + (", ablation.png (scaling plot)" if scaling else ""))
@@ -280,8 +278,6 @@ def run_ifusion_ablation(data: Path, out: Path, seeds: int = 3, overrides: list[
 
     result = {"model": "ifusion", "data": str(data), "seeds": seeds, "tables": tables,
               "steps": {name: {str(k): v for k, v in by_k.items()} for name, by_k in sweep.items()}}
-    if not sweep:
-        (out / "ablation.png").unlink(missing_ok=True)  # an earlier run's plot of tables not run now
     write_report(out, "ablation", result, md, plot=plot if sweep else None)
     print(md)
     print(f"\nwritten: {out}/ablation.md, ablation.json" + (", ablation.png (schedule x steps)" if sweep else ""))

@@ -357,7 +357,8 @@ def write_report(
 
     ``plot`` is called with a temporary ``.png`` path in ``out_dir`` and must write the
     image there (e.g. ``lambda p: bar_plot(rows, metrics, p, title)``); it is then moved
-    onto ``name.png``. Every file is written atomically. Returns ``{"json", "md"[, "png"]}``.
+    onto ``name.png``. Without ``plot`` an earlier ``name.png`` is removed: it would not show
+    this report. Every file is written atomically. Returns ``{"json", "md"[, "png"]}``.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -365,9 +366,11 @@ def write_report(
         "json": atomic_write_json(out_dir / f"{name}.json", payload),
         "md": atomic_write_text(out_dir / f"{name}.md", markdown if markdown.endswith("\n") else markdown + "\n"),
     }
-    if plot is not None:
-        png = out_dir / f"{name}.png"
-        with atomic_output(png) as tmp:
-            plot(tmp)
-        paths["png"] = png
+    png = out_dir / f"{name}.png"
+    if plot is None:
+        png.unlink(missing_ok=True)
+        return paths
+    with atomic_output(png) as tmp:
+        plot(tmp)
+    paths["png"] = png
     return paths
